@@ -1,0 +1,180 @@
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2lib import checkpoint
+from gpt2lib.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from gpt2lib.train import PRESETS, train
+
+SMOKE = PRESETS["smoke"]
+
+
+def losses(out):
+    entries = [json.loads(line) for line in open(out / "log.jsonl")]
+    return [e["loss"] for e in entries if "loss" in e], [e["val_loss"] for e in entries if "val_loss" in e]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    "The smoke preset's 6 steps in one go."
+    out = tmp_path_factory.mktemp("straight")
+    summary = train(SMOKE, out, device="cpu", progress=False)
+    return out, summary
+
+
+def test_log_has_the_promised_fields(straight):
+    out, summary = straight
+    entries = [json.loads(line) for line in open(out / "log.jsonl")]
+    steps = [e for e in entries if "loss" in e]
+    assert [e["step"] for e in steps] == list(range(SMOKE.max_steps))
+    assert all({"step", "loss", "lr", "norm", "dt", "tokens_per_s"} <= e.keys() for e in steps)
+    assert [e["step"] for e in entries if "val_loss" in e] == [0, 3, 6]
+    assert summary["finished"] and summary["val_loss"] == entries[-1]["val_loss"]
+    assert len(summary["samples"]) == SMOKE.num_samples
+    assert all(s.startswith(SMOKE.sample_prompt) for s in summary["samples"])
+
+
+def test_stop_and_resume_give_identical_losses(straight, tmp_path):
+    out, _ = straight
+    first = train(SMOKE, tmp_path, device="cpu", stop_after=3, progress=False)
+    assert first == {"steps": 3, "finished": False}
+    train(SMOKE, tmp_path, device="cpu", resume=True, progress=False)
+    assert losses(tmp_path) == losses(out)  # exactly equal, not approximately
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(straight, tmp_path, capsys):
+    out, _ = straight
+    train(SMOKE, tmp_path, device="cpu", progress=False)  # checkpoints at steps 3 and 6
+    newest = list_checkpoints(tmp_path)[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a crash during a copy
+    state, path = load_latest_checkpoint(tmp_path)
+    assert state["step"] == 3 and "cannot be loaded" in capsys.readouterr().out
+    train(SMOKE, tmp_path, device="cpu", resume=True, progress=False)  # redoes steps 3-5
+    assert losses(tmp_path) == losses(out)
+
+
+def test_no_readable_checkpoint_is_an_error(tmp_path):
+    (tmp_path / "ckpt_0000003.pt").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="none of the 1 checkpoints"):
+        load_latest_checkpoint(tmp_path)
+
+
+def test_checkpoint_is_atomic_and_old_ones_survive_a_failed_write(tmp_path, monkeypatch):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, {"step": step, "w": torch.ones(3)}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 5, {"step": 5}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+
+
+def test_checkpoint_holds_the_whole_state_and_loads_weights_only(straight):
+    out, _ = straight
+    path = list_checkpoints(out)[-1]
+    state = torch.load(path, weights_only=True)
+    assert {"model", "optimizer", "loader", "step", "config", "rng"} <= state.keys()
+    assert state["config"] == dataclasses.asdict(SMOKE) and state["step"] == SMOKE.max_steps
+
+
+def test_resume_with_another_config_is_refused(straight, tmp_path):
+    train(SMOKE, tmp_path, device="cpu", stop_after=3, progress=False)
+    with pytest.raises(ValueError, match="different configuration \\(max_lr\\)"):
+        train(dataclasses.replace(SMOKE, max_lr=1.0), tmp_path, device="cpu", resume=True, progress=False)
+
+
+def test_existing_checkpoints_need_resume(tmp_path):
+    train(SMOKE, tmp_path, device="cpu", stop_after=3, progress=False)
+    with pytest.raises(ValueError, match="--resume"):
+        train(SMOKE, tmp_path, device="cpu", progress=False)
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gpt2lib.train", "--no-progress", "--device", "cpu", *args],
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_cli_smoke_run(tmp_path):
+    result = cli("--preset", "smoke", "--out", str(tmp_path / "run"), "--max-steps", "2", "--n-layer", "1")
+    assert result.returncode == 0, result.stderr
+    assert "validation loss:" in result.stdout and "ROMEO:" in result.stdout
+    assert torch.load(list_checkpoints(tmp_path / "run")[-1], weights_only=True)["config"]["n_layer"] == 1
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_cli_unknown_preset():
+    one_line_error(cli("--preset", "gpt5"), "invalid choice: 'gpt5'", "gpt2-124m", "shakespeare", "smoke")
+
+
+def test_cli_unwritable_out(tmp_path):
+    (tmp_path / "file").write_text("x")
+    one_line_error(cli("--preset", "smoke", "--out", str(tmp_path / "file" / "run")), "cannot write to --out")
+
+
+def test_cli_budget_not_divisible(tmp_path):
+    one_line_error(cli("--preset", "smoke", "--out", str(tmp_path), "--total-batch-size", "1000"),
+                   "total_batch_size 1,000 is not divisible by B*T*world_size")
+
+
+def test_cli_data_shorter_than_a_batch(tmp_path):
+    np.save(tmp_path / "tokens.npy", np.arange(50, dtype=np.uint16))
+    one_line_error(cli("--preset", "smoke", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "tokens.npy")),
+                   "shorter than one batch")
+
+
+def test_cli_wrong_token_dtype(tmp_path):
+    np.save(tmp_path / "tokens.npy", np.arange(5000, dtype=np.int64))
+    one_line_error(cli("--preset", "smoke", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "tokens.npy")),
+                   "must be a 1-D uint16 array, got 1-D int64")
+
+
+def test_cli_gpt2_124m_without_fineweb(tmp_path):
+    one_line_error(cli("--preset", "gpt2-124m", "--out", str(tmp_path / "run"), cwd=tmp_path),
+                   "no training data at data/fineweb10B", "gpt2lib.fineweb")
+
+
+def test_training_on_token_shards(tmp_path):
+    data = tmp_path / "shards"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(data / "shard_val_000.npy", rng.integers(0, 50257, 3000, dtype=np.uint16))
+    np.save(data / "shard_train_001.npy", rng.integers(0, 50257, 5000, dtype=np.uint16))
+    np.save(data / "shard_train_002.npy", rng.integers(0, 50257, 5000, dtype=np.uint16))
+    cfg = dataclasses.replace(SMOKE, data=str(data))
+    summary = train(cfg, tmp_path / "run", device="cpu", progress=False)
+    assert summary["finished"] and summary["val_loss"] > 0
+
+
+def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2lib.train", "--no-progress", "--device", "cpu",
+                             "--preset", "smoke", "--max-steps", "100000", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "log.jsonl").exists() and len(losses(out)[0]) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    steps = len(losses(out)[0])
+    assert f"stopped after step {steps}" in stdout and "--resume" in stdout
+    assert list_checkpoints(out)[-1].name == f"ckpt_{steps:07d}.pt"
