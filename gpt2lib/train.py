@@ -209,6 +209,9 @@ def train(cfg: TrainConfig, out, device: str | None = None, resume: bool = False
     t_start = time.perf_counter()
     device = device or default_device()
     run = RunDir(out)
+    if not resume and list_checkpoints(run.path):
+        raise ValueError(f"{run.path} already holds checkpoints: pass --resume to continue that run, "
+                         "or choose another --out")
     accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size)
     train_data, val_data = load_data(cfg)
     torch.manual_seed(cfg.seed)
@@ -231,9 +234,6 @@ def train(cfg: TrainConfig, out, device: str | None = None, resume: bool = False
         set_rng_state(state["rng"])
         start = state["step"]
         print(f"resuming from {path} at step {start}")
-    elif list_checkpoints(run.path) and not resume:
-        raise ValueError(f"{run.path} already holds checkpoints: pass --resume to continue that run, "
-                         "or choose another --out")
     run.truncate_log(start)
     train_model = torch.compile(model) if compile else model
 
