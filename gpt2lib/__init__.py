@@ -8,6 +8,11 @@ Every module except this one is generated from a chapter of the book in `nbs/`
     book       helpers the chapters share                     (nbs/01_hf_gpt2.ipynb)
     model      GPTConfig, GPT, loading HF weights, generate   (nbs/02_model.ipynb)
     sample     python -m gpt2lib.sample                       (nbs/02_model.ipynb)
+    data       token batches, the shard-aware DataLoader      (nbs/03_data.ipynb)
+    bench      python -m gpt2lib.bench: the speed ladder      (nbs/04_speed.ipynb)
+    optim      AdamW groups, lr schedule, train_step          (nbs/05_optimization.ipynb)
+    train      python -m gpt2lib.train, presets               (nbs/09_train.ipynb)
+    checkpoint atomic checkpoints, exact resume               (nbs/09_train.ipynb)
 """
 
 __version__ = "0.1.0"

@@ -22,10 +22,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def configure_optimizer(model: torch.nn.Module, lr: float = 6e-4, weight_decay: float = 0.1,
-                        betas=(0.9, 0.95), eps: float = 1e-8, device_type: str = "cpu") -> torch.optim.AdamW:
-    "GPT-3's AdamW: decay on 2-D parameters only, betas (0.9, 0.95), eps 1e-8; fused on CUDA."
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
-                             fused=device_type == "cuda")
+                        betas=(0.9, 0.95), eps: float = 1e-8, device_type: str = "cpu",
+                        fused: bool | None = None) -> torch.optim.AdamW:
+    "GPT-3's AdamW: decay on 2-D parameters only, betas (0.9, 0.95), eps 1e-8; fused on CUDA by default."
+    fused = device_type == "cuda" if fused is None else fused  # chapter 4 times both
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
 
 # %% ../nbs/05_optimization.ipynb #c007
 def lr_at(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1) -> float:

@@ -1,0 +1,132 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt2lib.bench import LADDER, MODELS, build_model, flops_per_token, peak_tflops, run_ladder
+from gpt2lib.data import read_asset_text, tokenize
+from gpt2lib.model import GPT, GPTConfig
+from gpt2lib.optim import configure_optimizer
+
+TINY = GPTConfig(block_size=32, vocab_size=1000, n_layer=2, n_head=2, n_embd=32)
+
+
+def test_flops_per_token_of_gpt2_124m():
+    with torch.device("meta"):
+        n = sum(p.numel() for p in GPT2LMHeadModel(GPT2Config()).transformer.parameters())  # HF counts wte once
+    n -= 1024 * 768  # the position embedding is a lookup, not a matmul
+    assert flops_per_token(GPTConfig(), 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+    assert flops_per_token(GPTConfig(pad_vocab_to=64), 1024) == flops_per_token(GPTConfig(), 1024)
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.5
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("CPU (x86_64, 2 threads)") is None and peak_tflops("Some Future GPU") is None
+
+
+def test_flash_attention_equals_manual():
+    x = torch.randint(0, TINY.vocab_size, (3, 32))
+    manual = build_model(GPTConfig(**{**TINY.__dict__, "attn_impl": "manual"}), seed=0)
+    sdpa = build_model(TINY, seed=0)
+    torch.testing.assert_close(sdpa(x)[0], manual(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_padded_vocabulary_keeps_function_and_gradients():
+    x, y = torch.randint(0, TINY.vocab_size, (2, 2, 32))
+    plain = build_model(TINY, seed=0)
+    padded = build_model(GPTConfig(**{**TINY.__dict__, "pad_vocab_to": 64}), seed=0)
+    assert padded.transformer.wte.weight.shape[0] == 1024 and padded.config.padded_vocab_size == 1024
+    (lp, loss_p), (l, loss) = padded(x, y), plain(x, y)
+    assert lp.shape == l.shape and torch.equal(lp, l) and torch.equal(loss_p, loss)
+    loss_p.backward(), loss.backward()
+    gp, g = padded.transformer.wte.weight.grad, plain.transformer.wte.weight.grad
+    torch.testing.assert_close(gp[:1000], g, rtol=0, atol=1e-7)
+    assert gp[1000:].abs().max() == 0  # the padding rows never learn
+
+
+def test_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    model = build_model(TINY, seed=0)
+    x, y = torch.randint(0, TINY.vocab_size, (2, 4, 32))
+    _, fp32 = model(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, bf16 = model(x, y)
+    assert logits.dtype == torch.bfloat16
+    assert abs(bf16.item() - fp32.item()) / fp32.item() < 1e-2  # bf16 keeps ~3 significant digits
+
+
+def test_fused_adamw_equals_standard():
+    params = []
+    for fused in (False, True):
+        model = build_model(TINY, seed=0)
+        opt = configure_optimizer(model, 1e-3, fused=fused)
+        assert opt.defaults["fused"] is fused
+        x, y = torch.randint(0, TINY.vocab_size, (2, 2, 32), generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            opt.zero_grad()
+            model(x, y)[1].backward()
+            opt.step()
+        params.append(torch.cat([p.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return tokenize(read_asset_text("tinyshakespeare.txt")[:20_000])
+
+
+def test_ladder_on_cpu_has_every_rung(tokens):
+    rows = run_ladder(GPTConfig(n_layer=1, n_head=2, n_embd=32), B=2, T=32, steps=2, warmup=1, device="cpu",
+                      compile=False, tokens=tokens, progress=False)
+    assert [r["rung"] for r in rows] == [r.name for r in LADDER]
+    by_name = {r["rung"]: r for r in rows}
+    assert by_name["+ TF32 matmuls"] == {"rung": "+ TF32 matmuls", "status": "skipped", "reason": "needs an NVIDIA GPU"}
+    assert by_name["+ torch.compile"]["status"] == "skipped" and "--no-compile" in by_name["+ torch.compile"]["reason"]
+    ran = [r for r in rows if r["status"] == "ran"]
+    assert [r["rung"] for r in ran] == ["fp32", "+ flash attention", "+ vocab 50304", "+ fused AdamW"]
+    assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["mfu"] is None for r in ran)
+    # none of the rungs changes the math: same seed, same batch, same first loss
+    for r in ran:
+        assert r["first_loss"] == pytest.approx(ran[0]["first_loss"], abs=1e-5)
+    assert ran[-1]["recipe"] == {"tf32": False, "bf16": False, "compile": False, "attn_impl": "sdpa",
+                                 "pad_vocab_to": 64, "fused_adamw": True, "batch_size": None}
+
+
+def test_ladder_with_compile_and_larger_batch(tokens):
+    "The compiled rungs run on CPU too (slow to compile, so a 1-layer model and 1 step each)."
+    rows = run_ladder(GPTConfig(n_layer=1, n_head=2, n_embd=32), B=2, T=16, steps=1, warmup=1, device="cpu",
+                      compile=True, max_batch_size=4, tokens=tokens, progress=False)
+    by_name = {r["rung"]: r for r in rows}
+    assert by_name["+ torch.compile"]["status"] == "ran" and by_name["+ torch.compile"]["recipe"]["compile"]
+    assert by_name["+ larger micro-batch"]["batch_size"] == 4
+    first = [r["first_loss"] for r in rows if r["status"] == "ran" and r["rung"] != "+ larger micro-batch"]
+    assert max(first) - min(first) < 1e-4
+
+
+def test_cli_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "gpt2lib.bench", "--device", "cpu", "--no-compile", "--steps", "1",
+           "--warmup", "1", "--batch-size", "2", "--seq-len", "16", "--json", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert {"device", "torch", "commit", "date", "model", "flops_per_token", "rungs"} <= data.keys()
+    assert data["model"] == "tiny" and data["device"].startswith("CPU") and data["peak_bf16_tflops"] is None
+    assert [r["rung"] for r in data["rungs"]] == [r.name for r in LADDER]
+    assert "| fp32 |" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq-len", "2048", "--model", "gpt2"], "longer than the model's block_size"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--model", "huge"], "invalid choice"),
+])
+def test_cli_bad_input(args, message):
+    result = subprocess.run([sys.executable, "-m", "gpt2lib.bench", *args], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
