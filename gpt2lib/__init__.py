@@ -11,6 +11,7 @@ Every module except this one is generated from a chapter of the book in `nbs/`
     data       token batches, the shard-aware DataLoader      (nbs/03_data.ipynb)
     bench      python -m gpt2lib.bench: the speed ladder      (nbs/04_speed.ipynb)
     optim      AdamW groups, lr schedule, train_step          (nbs/05_optimization.ipynb)
+    dist       torchrun/DDP set-up, all-reduce helpers        (nbs/06_ddp.ipynb)
     fineweb    python -m gpt2lib.fineweb: FineWeb-Edu shards   (nbs/07_fineweb.ipynb)
     evaluate   validation loss, HellaSwag, python -m gpt2lib.evaluate (nbs/08_eval.ipynb)
     train      python -m gpt2lib.train, presets               (nbs/09_train.ipynb)

@@ -113,11 +113,15 @@ class DataLoader:
         buf = torch.from_numpy(tokens[start : start + self.B * self.T + 1].astype(np.int64))
         x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
         self.pos += self.span
-        if self.pos + self.span + 1 > len(tokens):  # the next step would not fit: next shard
+        self._skip_short_rest()
+        return x, y
+
+    def _skip_short_rest(self) -> None:
+        "Move to the next shard (or epoch) if the rest of this one cannot fill a step."
+        if self.pos + self.span + 1 > len(self._current()):
             self.shard, self.pos, self._tokens = self.shard + 1, 0, None
             if self.shard == len(self.order):
                 self.reset(self.epoch + 1)
-        return x, y
 
     def __iter__(self):
         while True:
@@ -131,3 +135,7 @@ class DataLoader:
             raise ValueError(f"loader state is for {state['n_sources']} shards, this data has {len(self.sources)}")
         self.reset(state["epoch"])
         self.shard, self.pos = state["shard"], state["pos"]
+        # saved under another world size, a step may be wider now than what is left of the shard
+        if self.shard >= len(self.order):
+            self.reset(self.epoch + 1)
+        self._skip_short_rest()

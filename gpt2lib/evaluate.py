@@ -33,19 +33,19 @@ def distributed() -> bool:
 
 @torch.no_grad()
 def validation_loss(model, loader: DataLoader, n_batches: int, device, autocast=nullcontext) -> float:
-    "Mean loss over the first `n_batches` batches of `loader` (rewound first), averaged across ranks."
+    """Mean loss over the first `n_batches` batches of `loader` (rewound first); under DDP the
+    ranks share those batches out, so the result does not depend on the number of ranks."""
     was_training = model.training
     model.eval()
     loader.reset()
     total = torch.zeros((), device=device)
-    for _ in range(n_batches):
+    for _ in range(loader.rank, n_batches, loader.world_size):  # this rank's share of the batches
         x, y = (t.to(device) for t in loader.next_batch())
         with autocast():
             total += model(x, y)[1].float()
     model.train(was_training)
     if distributed():
-        dist.all_reduce(total)  # the sum over ranks ...
-        total /= dist.get_world_size()  # ... and its mean: every rank gets the same number
+        dist.all_reduce(total)  # the sum over all ranks' batches: the same number on every rank
     return (total / n_batches).item()
 
 # %% ../nbs/08_eval.ipynb #c010

@@ -178,3 +178,33 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(tmp_path):
     steps = len(losses(out)[0])
     assert f"stopped after step {steps}" in stdout and "--resume" in stdout
     assert list_checkpoints(out)[-1].name == f"ckpt_{steps:07d}.pt"
+
+
+def test_hellaswag_during_training_equals_chapter_8s_evaluation(tmp_path):
+    from importlib.resources import files
+
+    from gpt2lib.evaluate import evaluate_hellaswag, load_model, read_hellaswag
+
+    path = str(files("gpt2lib") / "assets" / "hellaswag_handmade.jsonl")
+    cfg = dataclasses.replace(SMOKE, hellaswag=path, hellaswag_limit=4)
+    summary = train(cfg, tmp_path, device="cpu", progress=False)
+    evals = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "hellaswag" in line]
+    assert [e["step"] for e in evals] == [0, 3, 6] and all("val_loss" in e for e in evals)
+    model, _ = load_model(str(tmp_path), "cpu")  # the final checkpoint
+    expected = evaluate_hellaswag(model, read_hellaswag(path)[:4], "cpu", progress=False)
+    assert (summary["hellaswag_acc"], summary["hellaswag_acc_norm"]) == (expected["acc"], expected["acc_norm"])
+
+
+def test_missing_hellaswag_file_is_a_clear_error(tmp_path):
+    cmd = [sys.executable, "-m", "gpt2lib.train", "--preset", "smoke", "--out", str(tmp_path / "run"),
+           "--hellaswag", str(tmp_path / "nope.jsonl"), "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 1 and "error:" in result.stderr and "nope.jsonl" in result.stderr
+    assert "Traceback" not in result.stderr and not list_checkpoints(tmp_path / "run")
+
+
+def test_fineweb_preset_without_shards_says_what_to_run(tmp_path):
+    cmd = [sys.executable, "-m", "gpt2lib.train", "--preset", "gpt2-124m", "--out", str(tmp_path / "run"),
+           "--data", str(tmp_path / "fineweb"), "--device", "cpu"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 1 and f"python -m gpt2lib.fineweb --out {tmp_path / 'fineweb'}" in result.stderr
