@@ -16,6 +16,7 @@ Every module except this one is generated from a chapter of the book in `nbs/`
     evaluate   validation loss, HellaSwag, python -m gpt2lib.evaluate (nbs/08_eval.ipynb)
     train      python -m gpt2lib.train, presets               (nbs/09_train.ipynb)
     checkpoint atomic checkpoints, exact resume               (nbs/09_train.ipynb)
+    export_hf  python -m gpt2lib.export_hf: HF-format export  (nbs/10_beyond.ipynb)
 """
 
 __version__ = "0.1.0"
