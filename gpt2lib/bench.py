@@ -164,9 +164,9 @@ def skip_reason(rung: Rung, device: torch.device, compile: bool, max_batch_size:
     if rung.cuda_only and device.type != "cuda":
         return "needs an NVIDIA GPU"
     if "compile" in rung.change and not compile:
-        return "turned off (--no-compile)"
+        return "turned off (`--no-compile`)"
     if "batch_size" in rung.change and not max_batch_size:
-        return "no --max-batch-size given"
+        return "no `--max-batch-size` given"
     return None
 
 
