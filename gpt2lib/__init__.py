@@ -1,22 +1,30 @@
 """gpt2lib: GPT-2 (124M) reproduced from scratch in PyTorch.
 
 Every module except this one is generated from a chapter of the book in `nbs/`
-(`python tools/export.py`); edit the chapter, not the module.
+(`python tools/export.py`); edit the chapter, not the module. Layers, lowest first (a
+module imports only from layers below its own):
 
-    tokenizer  GPT-2's BPE from the vendored rank file       (nbs/01_hf_gpt2.ipynb)
-    hub        released model names, hub access, stand-ins    (nbs/01_hf_gpt2.ipynb)
-    book       helpers the chapters share                     (nbs/01_hf_gpt2.ipynb)
-    model      GPTConfig, GPT, loading HF weights, generate   (nbs/02_model.ipynb)
-    sample     python -m gpt2lib.sample                       (nbs/02_model.ipynb)
-    data       token batches, the shard-aware DataLoader      (nbs/03_data.ipynb)
-    bench      python -m gpt2lib.bench: the speed ladder      (nbs/04_speed.ipynb)
-    optim      AdamW groups, lr schedule, train_step          (nbs/05_optimization.ipynb)
-    dist       torchrun/DDP set-up, all-reduce helpers        (nbs/06_ddp.ipynb)
-    fineweb    python -m gpt2lib.fineweb: FineWeb-Edu shards   (nbs/07_fineweb.ipynb)
-    evaluate   validation loss, HellaSwag, python -m gpt2lib.evaluate (nbs/08_eval.ipynb)
-    train      python -m gpt2lib.train, presets               (nbs/09_train.ipynb)
-    checkpoint atomic checkpoints, exact resume               (nbs/09_train.ipynb)
-    export_hf  python -m gpt2lib.export_hf: HF-format export  (nbs/10_beyond.ipynb)
+    0  runtime    device, autocast, atomic writes, locks, provenance, errors (nbs/00_runtime.ipynb)
+    1  book       the chapters' setting and banner                          (nbs/00_runtime.ipynb)
+       tokenizer  GPT-2's BPE from the vendored rank file                   (nbs/01_hf_gpt2.ipynb)
+       hub        released model names, hub access, stand-ins               (nbs/01_hf_gpt2.ipynb)
+       model      GPTConfig, GPT, generate                                  (nbs/02_model.ipynb)
+       optim      AdamW groups, lr schedule, train_step                     (nbs/05_optimization.ipynb)
+       dist       torchrun/DDP set-up, collectives                          (nbs/06_ddp.ipynb)
+    2  hf         HF's GPT-2 format, both directions                        (nbs/02_model.ipynb)
+       data       token files, shards, the DataLoader                       (nbs/03_data.ipynb)
+    3  checkpoint checkpoint format, Checkpointer, load_model               (nbs/09_train.ipynb)
+       config     TrainConfig, presets, setting checks, CLI options         (nbs/09_train.ipynb)
+       rundir     a run's directory: lock, log writer and reader            (nbs/09_train.ipynb)
+       bench      gpt2-bench: the speed ladder                              (nbs/04_speed.ipynb)
+       fineweb    gpt2-fineweb: FineWeb-Edu shards                          (nbs/07_fineweb.ipynb)
+    4  sample     gpt2-sample                                               (nbs/02_model.ipynb)
+       evaluate   validation loss, HellaSwag, gpt2-evaluate                 (nbs/08_eval.ipynb)
+       export_hf  gpt2-export-hf: HF-format export                          (nbs/10_beyond.ipynb)
+    5  train      gpt2-train: the coordinator of a run                      (nbs/09_train.ipynb)
+
+`GPT.from_pretrained` (layer 1) hands over to `gpt2lib.hf` inside the method: the one
+import that points up, so that the model class keeps HF's familiar entry point.
 """
 
 __version__ = "0.1.0"

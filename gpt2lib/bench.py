@@ -5,17 +5,13 @@
 # %% auto #0
 __all__ = ['PEAK_BF16_TFLOPS', 'LADDER', 'MODELS', 'GPU_DEFAULTS', 'CPU_DEFAULTS', 'flops_per_token', 'peak_tflops', 'Recipe',
            'Rung', 'build_model', 'sync', 'set_tf32', 'time_recipe', 'release_memory', 'skip_reason', 'run_ladder',
-           'device_name', 'device_peak_tflops', 'git_commit', 'provenance', 'format_table', 'parse_args', 'bench',
-           'main']
+           'device_peak_tflops', 'format_table', 'parse_args', 'bench', 'main']
 
 # %% ../nbs/04_speed.ipynb #c004
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
-import platform
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -27,6 +23,7 @@ import torch
 from .data import DataLoader, read_asset_text, tokenize
 from .model import GPT, GPTConfig
 from .optim import configure_optimizer, train_step
+from .runtime import atomic_write, command_name, device_name, provenance, resolve_device, run_command
 
 
 def flops_per_token(config: GPTConfig, T: int) -> int:
@@ -200,31 +197,9 @@ def run_ladder(config: GPTConfig, B: int, T: int, steps: int = 20, warmup: int =
     return rows
 
 # %% ../nbs/04_speed.ipynb #c017
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def device_peak_tflops(device: torch.device) -> float | None:
-    return peak_tflops(device_name(device)) if device.type == "cuda" else None
-
-
-def git_commit() -> str | None:
-    "The commit of the gpt2lib checkout, if it is one."
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, NameError, subprocess.SubprocessError):
-        return None
-
-
-def provenance(device) -> dict:
-    "Where and when a result was measured (stored next to every committed result)."
-    device = torch.device(device)
-    return {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+def device_peak_tflops(device) -> float | None:
+    "The dense bf16 peak of `device` from the table above; None on a CPU or an unknown GPU."
+    return peak_tflops(device_name(device)) if torch.device(device).type == "cuda" else None
 
 # %% ../nbs/04_speed.ipynb #c019
 def format_table(result: dict) -> str:
@@ -250,18 +225,25 @@ CPU_DEFAULTS = dict(model="tiny", batch_size=4, seq_len=64, steps=5, warmup=2)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m gpt2lib.bench", description="Time the training step through the speed ladder (nbs/04_speed.ipynb).")
-    ap.add_argument("--model", choices=sorted(MODELS), help="gpt2 (124M), small or tiny (default: gpt2 on GPU, tiny on CPU)")
+    ap = argparse.ArgumentParser(prog=command_name("bench"), description="Time the training step through the "
+                                 "speed ladder (chapter 4 of the book).")
+    ap.add_argument("--model", choices=sorted(MODELS), help="gpt2 (124M), small or tiny (default: gpt2 on GPU, "
+                    "tiny on CPU)")
     ap.add_argument("--batch-size", type=int, help="micro-batch B (default: 16 on GPU, 4 on CPU)")
     ap.add_argument("--seq-len", type=int, help="sequence length T (default: 1024 on GPU, 64 on CPU)")
     ap.add_argument("--steps", type=int, help="timed steps per rung (default: 20 on GPU, 5 on CPU)")
-    ap.add_argument("--warmup", type=int, help="untimed steps first, compilation included (default: 5 on GPU, 2 on CPU)")
-    ap.add_argument("--max-batch-size", type=int, default=None, help="micro-batch of the last rung (the largest that fits)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    ap.add_argument("--warmup", type=int, help="untimed steps first, compilation included (default: 5 on GPU, "
+                    "2 on CPU)")
+    ap.add_argument("--max-batch-size", type=int, default=None, help="micro-batch of the last rung (the largest "
+                    "that fits)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best one here)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile on a CPU)")
     ap.add_argument("--json", default=None, help="also write the result to this file")
     args = ap.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as err:
+        ap.error(str(err))
     defaults = GPU_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -271,8 +253,6 @@ def parse_args(argv=None):
             ap.error(f"--{key.replace('_', '-')} must be at least 1")
     if args.seq_len > MODELS[args.model].block_size:
         ap.error(f"--seq-len {args.seq_len} is longer than the model's block_size {MODELS[args.model].block_size}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: no CUDA device is available")
     return args
 
 
@@ -288,6 +268,7 @@ def bench(args, progress: bool = True) -> dict:
     return result
 
 
+@run_command
 def main(argv=None) -> None:
     args = parse_args(argv)
     result = bench(args)
@@ -297,7 +278,7 @@ def main(argv=None) -> None:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write(path, json.dumps(result, indent=2) + "\n")
         print(f"written to {path}")
 
 

@@ -5,13 +5,12 @@
 # %% auto #0
 __all__ = ['HELLASWAG_URL', 'HELLASWAG_SPLITS', 'validation_loss', 'default_cache_dir', 'download_hellaswag', 'check_example',
            'read_hellaswag', 'render_example', 'Scores', 'score_example', 'block_size_of', 'evaluate_hellaswag',
-           'reference_figures', 'model_from_checkpoint', 'load_model', 'val_source', 'parse_args', 'run', 'main']
+           'reference_figures', 'val_source', 'parse_args', 'run', 'main']
 
 # %% ../nbs/08_eval.ipynb #c006
+import argparse
 import json
 import os
-import sys
-import tempfile
 import urllib.request
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,8 +19,9 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
-from .data import DataLoader, find_shards
+from .data import DataLoader, split_shards
 from .dist import all_reduce_sum
+from .runtime import atomic_write
 from .tokenizer import get_encoding
 
 
@@ -63,24 +63,21 @@ def download_hellaswag(split: str = "val", cache_dir=None, timeout: float = 10.0
         return path
     url = HELLASWAG_URL.format(split=split)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.name}-", suffix=".tmp")
+
+    def fetch(f):
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=path.name, disable=not progress) as bar:
+                while chunk := response.read(1 << 16):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+
     try:
-        with os.fdopen(fd, "wb") as f:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                size = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=size, unit="B", unit_scale=True, desc=path.name, disable=not progress) as bar:
-                    while chunk := response.read(1 << 16):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-        os.replace(tmp, path)  # only a complete file gets the real name
+        atomic_write(path, fetch)  # only a complete download gets the real name
     except OSError as err:  # URLError, timeouts and a full disk are all OSErrors
-        Path(tmp).unlink(missing_ok=True)
         reason = getattr(err, "reason", None) or err.strerror or err
         raise ConnectionError(f"cannot download HellaSwag ({url}): {reason}. Without a network, "
                               "pass a local copy of the jsonl file (--hellaswag PATH)") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 # %% ../nbs/08_eval.ipynb #c012
@@ -198,61 +195,24 @@ def reference_figures() -> list[dict]:
     return json.loads((files("gpt2lib") / "assets" / "hellaswag_reference.json").read_text())["figures"]
 
 # %% ../nbs/08_eval.ipynb #c033
-from .checkpoint import list_checkpoints, load_latest_checkpoint
-from .model import GPT, GPTConfig
+from .checkpoint import MODEL_SPEC_HELP, load_model
+from .runtime import autocast_for, command_name, resolve_device, run_command
 
 
-def model_from_checkpoint(state: dict, where) -> GPT:
-    "Our GPT from a training checkpoint: shape from its config, weights from its state dict."
-    if not (isinstance(state, dict) and isinstance(state.get("model"), dict) and isinstance(state.get("config"), dict)):
-        raise ValueError(f"{where} is not a gpt2lib training checkpoint (no 'model' and 'config' entries)")
-    shape = {key: state["config"][key] for key in GPTConfig.__dataclass_fields__ if key in state["config"]}
-    model = GPT(GPTConfig(**shape))
-    weights = {key.removeprefix("_orig_mod."): value for key, value in state["model"].items()}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise ValueError(f"{where}: the weights do not fit the model its config describes: {str(err)[:500]}") from None
-    return model
-
-
-def load_model(spec: str, device="cpu") -> tuple[GPT, str]:
-    "(model in eval mode, what was loaded) for a released name, an HF dir, a checkpoint or a run dir."
-    path = Path(spec).expanduser()
-    if path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # not a torch file, truncated, or holding objects weights_only refuses
-            raise ValueError(f"{path}: cannot load as a checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
-        model, what = model_from_checkpoint(state, path), f"checkpoint {path}"
-    elif path.is_dir() and not (path / "config.json").exists():  # a run directory
-        if not list_checkpoints(path):
-            raise FileNotFoundError(f"{path} holds neither an HF-format model (config.json) nor training "
-                                    "checkpoints (ckpt_NNNNNNN.pt)")
-        state, newest = load_latest_checkpoint(path)
-        model, what = model_from_checkpoint(state, newest), f"checkpoint {newest}"
-    else:
-        model, what = GPT.from_pretrained(spec), str(spec)
-    return model.to(device).eval(), what
-
-# %% ../nbs/08_eval.ipynb #c034
 def val_source(data) -> list[Path]:
     "The validation shards of `data`: a .npy file, or the shards of a directory with 'val' in their names."
-    shards = find_shards(data)
-    if Path(data).is_dir():
-        shards = [p for p in shards if "val" in p.name]
-        if not shards:
-            raise FileNotFoundError(f"{data} has no validation shards (.npy files with 'val' in the name)")
-    return shards
+    train, val = split_shards(data)
+    if Path(data).is_file():
+        return train
+    if not val:
+        raise FileNotFoundError(f"{data} has no validation shards (.npy files with 'val' in the name)")
+    return val
 
-
+# %% ../nbs/08_eval.ipynb #c034
 def parse_args(argv=None):
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m gpt2lib.evaluate", description="HellaSwag accuracy and "
-                                 "validation loss of a GPT (see nbs/08_eval.ipynb).")
-    ap.add_argument("--model", required=True, help="gpt2, gpt2-medium, ..., an HF-format directory, a training "
-                    "checkpoint (.pt) or a run directory holding checkpoints")
+    ap = argparse.ArgumentParser(prog=command_name("evaluate"), description="HellaSwag accuracy and "
+                                 "validation loss of a GPT (chapter 8 of the book).")
+    ap.add_argument("--model", required=True, help=MODEL_SPEC_HELP)
     ap.add_argument("--hellaswag", nargs="?", const="download", default=None, metavar="PATH",
                     help="score HellaSwag: a local jsonl file, or without PATH the official split (downloaded once)")
     ap.add_argument("--split", default="val", choices=HELLASWAG_SPLITS, help="split to download")
@@ -261,47 +221,51 @@ def parse_args(argv=None):
     ap.add_argument("--val-batches", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8, help="B for the validation loss")
     ap.add_argument("--seq-len", type=int, default=None, help="T for the validation loss (default: block_size)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best one here)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.hellaswag is None and args.val is None:
         ap.error("nothing to evaluate: give --hellaswag [PATH] and/or --val DATA")
-    if args.limit is not None and args.limit < 1:
-        ap.error("--limit must be positive")
+    for name in ("limit", "val_batches", "batch_size", "seq_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return args
 
 
 def run(args) -> dict:
     "Evaluate as `args` say; print and return the results."
-    autocast = nullcontext
-    if args.device.startswith("cuda"):
-        autocast = lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)  # noqa: E731 (chapter 4)
+    device = resolve_device(args.device)
+    autocast = autocast_for(device)  # bf16 on a GPU (chapter 4)
     examples, shards = None, None
     if args.hellaswag is not None:  # bad input fails before the model loads
-        path = download_hellaswag(args.split, progress=not args.no_progress) if args.hellaswag == "download" else args.hellaswag
+        path = (download_hellaswag(args.split, progress=not args.no_progress) if args.hellaswag == "download"
+                else args.hellaswag)
         examples = read_hellaswag(path)[: args.limit]
     if args.val is not None:
         shards = val_source(args.val)
-    model, what = load_model(args.model, args.device)
+    model, what = load_model(args.model, device)
     print(f"model: {what} ({model.num_params():,} parameters)")
     results = {}
     if shards is not None:
         T = args.seq_len or model.config.block_size
-        loader = DataLoader(shards, args.batch_size, T)
-        results["val_loss"] = validation_loss(model, loader, args.val_batches, args.device, autocast)
+        if T > model.config.block_size:
+            raise ValueError(f"--seq-len {T} is longer than the model reads (block_size {model.config.block_size})")
+        loader = DataLoader(shards, args.batch_size, T, vocab_size=model.config.vocab_size)
+        if args.val_batches > loader.batches_per_epoch():
+            raise ValueError(f"--val-batches {args.val_batches} is more than {args.val} holds: "
+                             f"{loader.batches_per_epoch()} batches of {args.batch_size} × {T} tokens")
+        results["val_loss"] = validation_loss(model, loader, args.val_batches, device, autocast)
         print(f"validation loss ({args.val_batches} batches of {args.batch_size}x{T}): {results['val_loss']:.4f}")
     if examples is not None:
-        results["hellaswag"] = hs = evaluate_hellaswag(model, examples, args.device, autocast, progress=not args.no_progress)
+        results["hellaswag"] = hs = evaluate_hellaswag(model, examples, device, autocast,
+                                                       progress=not args.no_progress)
         print(f"hellaswag ({path}, {hs['n']} examples): acc {hs['acc']:.4f}  acc_norm {hs['acc_norm']:.4f}")
     return results
 
 
+@run_command
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (OSError, ValueError, RuntimeError) as err:  # OSError: missing files, no network
-        sys.exit(f"error: {err}")
+    run(parse_args(argv))
 
 
 if __name__ == "__main__" and "get_ipython" not in globals():  # run as a program, not in the notebook

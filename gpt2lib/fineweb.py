@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DATASET', 'NAME', 'SHARD_SIZE', 'DOC_SUFFIXES', 'MANIFEST', 'tokenize_doc', 'document_files', 'read_parquet_texts',
            'read_jsonl_texts', 'local_documents', 'hub_documents', 'sha256_file', 'write_shard', 'shard_name',
-           'save_manifest', 'read_manifest', 'open_manifest', 'verify_shards', 'tokenized', 'write_shards',
+           'save_manifest', 'read_manifest', 'open_manifest', 'verify_shards', 'tokenized', 'write_shards', 'at_least',
            'parse_args', 'main']
 
 # %% ../nbs/07_fineweb.ipynb #c006
@@ -13,6 +13,8 @@ import gzip
 import hashlib
 import json
 import os
+import signal
+import sys
 import time
 from contextlib import contextmanager
 from itertools import islice
@@ -24,6 +26,7 @@ import numpy as np
 
 from .data import TOKEN_DTYPE, load_tokens
 from .hub import hub_reachable
+from .runtime import atomic_write, lock_directory
 from .tokenizer import EOT_TOKEN, get_encoding
 
 DATASET, NAME = "HuggingFaceFW/fineweb-edu", "sample-10BT"
@@ -129,21 +132,28 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class _Hashing:
+    "A file object that also feeds what is written to it into a SHA-256."
+
+    def __init__(self, f):
+        self.f, self.digest = f, hashlib.sha256()
+
+    def write(self, data):
+        self.digest.update(data)
+        return self.f.write(data)
+
+
 def write_shard(path, tokens: np.ndarray) -> str:
-    "Save `tokens` as the .npy file `path` atomically (temporary file, fsync, rename); return its SHA-256."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")  # not *.npy: invisible to find_shards
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, tokens, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)  # atomic: the name points at a complete file or at nothing
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest
+    "Save `tokens` as the .npy file `path` all or nothing (the appendix's `atomic_write`); return its SHA-256."
+    hashing = None
+
+    def write(f):
+        nonlocal hashing
+        hashing = _Hashing(f)
+        np.save(hashing, tokens, allow_pickle=False)
+
+    atomic_write(path, write)  # the temporary file is not *.npy: invisible to find_shards
+    return hashing.digest.hexdigest()
 
 # %% ../nbs/07_fineweb.ipynb #c013
 MANIFEST = "manifest.json"
@@ -156,14 +166,7 @@ def shard_name(index: int, prefix: str = "fineweb") -> str:
 
 def save_manifest(out, manifest: dict) -> None:
     "Write `out/manifest.json` atomically."
-    path = Path(out) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.partial")
-    try:
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(Path(out) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def read_manifest(out) -> dict:
@@ -189,9 +192,11 @@ def open_manifest(out, settings: dict) -> dict:
         return {"settings": settings, "tokenizer": "gpt2", "eot": EOT_TOKEN, "dtype": np.dtype(TOKEN_DTYPE).name,
                 "shards": [], "finished": False}
     manifest = read_manifest(out)
-    if manifest["settings"] != settings:
-        raise ValueError(f"{out} holds shards made with {manifest['settings']}, not {settings}: "
-                         "use another --out, or the same settings to resume")
+    changed = [f"{key}={manifest['settings'].get(key)!r} (now {value!r})" for key, value in settings.items()
+               if manifest["settings"].get(key) != value]
+    if changed:
+        raise ValueError(f"{out} holds shards made with other settings: {'; '.join(changed)}. Rerun with the "
+                         "same settings to resume, or use another --out")
     for shard in manifest["shards"]:  # cheap check (the header only); verify_shards reads everything
         path = out / shard["name"]
         if not path.is_file() or len(load_tokens(path)) != shard["tokens"]:
@@ -213,28 +218,47 @@ def verify_shards(out) -> list[str]:
     return problems
 
 # %% ../nbs/07_fineweb.ipynb #c015
+def _ignore_ctrl_c() -> None:
+    "In a worker: Ctrl-C is the main process's to handle (a worker that dies of it can hang the pool)."
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
 def tokenized(docs: Iterable[str], workers: int, chunksize: int = 16):
     "An iterator of `tokenize_doc(doc)` for `docs`, in order, computed by `workers` processes."
     if workers <= 1:
         yield map(tokenize_doc, docs)  # in this process: simplest to debug, and no start-up cost
         return
-    with Pool(workers) as pool:  # leaving the block (also by an error) terminates the workers
+    pool = Pool(workers, initializer=_ignore_ctrl_c)
+    try:
         yield pool.imap(tokenize_doc, docs, chunksize=chunksize)
+    finally:  # also after an error or Ctrl-C: stop the workers rather than wait for their queue
+        pool.terminate()
+        pool.join()
 
 
 def write_shards(docs: Iterable[str], out, shard_size: int = SHARD_SIZE, workers: int | None = None,
                  source: str = "documents", limit_docs: int | None = None, stop_after: int | None = None,
-                 progress: bool = True, prefix: str = "fineweb") -> dict:
+                 progress: bool = True, prefix: str = "fineweb", text_field: str = "text") -> dict:
     """Tokenize `docs` (the whole stream, from its first document) into shards of `shard_size`
-    tokens in `out`, continuing from `out`'s manifest if there is one. `stop_after`: stop after
-    writing that many shards (the run can be resumed). Returns a summary of the run."""
+    tokens in `out`, continuing from `out`'s manifest if there is one; `out` is locked meanwhile.
+    `source` and `text_field` say where `docs` came from (a resume must read the same).
+    `stop_after`: stop after writing that many shards (the run can be resumed). Returns a
+    summary of the run."""
     from tqdm.auto import tqdm
 
     if shard_size < 1 or (limit_docs is not None and limit_docs < 0):
         raise ValueError(f"shard_size must be positive and limit_docs non-negative, got {shard_size}, {limit_docs}")
     out = Path(out)
-    manifest = open_manifest(out, {"source": source, "shard_size": shard_size, "limit_docs": limit_docs})
+    with lock_directory(out, "gpt2lib.fineweb"):
+        settings = {"source": source, "text_field": text_field, "shard_size": shard_size, "limit_docs": limit_docs,
+                    "prefix": prefix}
+        return _write_shards(docs, out, open_manifest(out, settings), shard_size, workers, limit_docs,
+                             stop_after, progress, prefix, tqdm)
+
+
+def _write_shards(docs, out, manifest, shard_size, workers, limit_docs, stop_after, progress, prefix, tqdm):
+    "`write_shards` once `out` is locked and its manifest open."
     shards = manifest["shards"]
     start_doc, start_offset = (shards[-1]["next_doc"], shards[-1]["next_offset"]) if shards else (0, 0)
     run = {"out": str(out), "new_tokens": 0, "new_shards": 0, "workers": workers or os.cpu_count() or 1}
@@ -282,63 +306,79 @@ def write_shards(docs: Iterable[str], out, shard_size: int = SHARD_SIZE, workers
     if filled:
         add_shard(buf[:filled], next_doc=n_docs, next_offset=0)
     if not shards:
-        raise ValueError(f"no documents in {source}: nothing to shard")
+        raise ValueError(f"no documents in {manifest['settings']['source']}: nothing to shard")
     manifest.update(finished=True, docs=n_docs, tokens=sum(s["tokens"] for s in shards))
     save_manifest(out, manifest)
     return summary()
 
 # %% ../nbs/07_fineweb.ipynb #c017
 import argparse
-import sys
+
+from .runtime import EXIT_INTERRUPTED, command_name, run_command
+
+
+def at_least(low: int):
+    "An argparse type: an int of at least `low`."
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m gpt2lib.fineweb", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    ap = argparse.ArgumentParser(prog=command_name("fineweb"), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  description="Tokenize FineWeb-Edu (or local parquet/jsonl documents) into uint16 "
-                                             ".npy shards; rerun to resume (see nbs/07_fineweb.ipynb).")
+                                             ".npy shards; rerun to resume (chapter 7 of the book).")
     ap.add_argument("--out", required=True, help="directory for the shards and manifest.json")
-    ap.add_argument("--local", nargs="+", metavar="PATH", help="read .parquet/.jsonl(.gz) files or directories instead of the hub")
+    ap.add_argument("--local", nargs="+", metavar="PATH",
+                    help="read .parquet/.jsonl(.gz) files or directories instead of the hub")
     ap.add_argument("--dataset", default=DATASET, help="hub dataset to stream")
     ap.add_argument("--name", default=NAME, help="its configuration")
     ap.add_argument("--split", default="train", help="its split")
     ap.add_argument("--text-field", default="text", help="the column or JSON field holding a document's text")
-    ap.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="tokens per shard")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (1: in-process)")
-    ap.add_argument("--limit-docs", type=int, default=None, help="shard only the first N documents")
-    ap.add_argument("--stop-after", type=int, default=None, help="stop after writing N shards (rerun to continue)")
+    ap.add_argument("--shard-size", type=at_least(1), default=SHARD_SIZE, help="tokens per shard")
+    ap.add_argument("--workers", type=at_least(1), default=os.cpu_count() or 1,
+                    help="tokenizer processes (1: in-process)")
+    ap.add_argument("--limit-docs", type=at_least(0), default=None, help="shard only the first N documents")
+    ap.add_argument("--stop-after", type=at_least(1), default=None,
+                    help="stop after writing N shards (rerun to continue)")
     ap.add_argument("--verify", action="store_true", help="only check the shards in --out against the manifest")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> None:
+@run_command
+def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.verify:
+        problems = verify_shards(args.out)
+        if problems:
+            raise ValueError("; ".join(problems))
+        print(f"{args.out}: all {len(read_manifest(args.out)['shards'])} shards match the manifest")
+        return 0
+    if args.local:
+        files = document_files(args.local)
+        # absolute paths: the same files named another way are the same source when resuming
+        docs, source = local_documents(files, args.text_field), "local: " + ", ".join(str(p.resolve()) for p in files)
+    else:
+        docs = hub_documents(args.dataset, args.name, args.split, args.text_field)
+        source = f"{args.dataset} ({args.name}, {args.split})"
     try:
-        if args.verify:
-            problems = verify_shards(args.out)
-            if problems:
-                sys.exit("error: " + "; ".join(problems))
-            print(f"{args.out}: all {len(read_manifest(args.out)['shards'])} shards match the manifest")
-            return
-        if args.local:
-            files = document_files(args.local)
-            docs, source = local_documents(files, args.text_field), "local: " + ", ".join(map(str, files))
-        else:
-            docs = hub_documents(args.dataset, args.name, args.split, args.text_field)
-            source = f"{args.dataset} ({args.name}, {args.split})"
         s = write_shards(docs, args.out, args.shard_size, args.workers, source, args.limit_docs, args.stop_after,
-                         progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        sys.exit(f"error: {err}")
+                         progress=not args.no_progress, text_field=args.text_field)
     except KeyboardInterrupt:
-        sys.exit("interrupted: the finished shards are kept; rerun the same command to resume")
+        print("\ninterrupted: the finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if s["finished"] and not s["new_tokens"]:
         print(f"nothing to do: {s['out']} is complete ({s['shards']} shards, {s['tokens']:,} tokens)")
-        return
+        return 0
     state = "done" if s["finished"] else "stopped; rerun the same command to continue"
     print(f"{state}: {s['shards']} shards, {s['tokens']:,} tokens in {s['out']}; this run tokenized "
-          f"{s['new_tokens']:,} tokens in {s['seconds']:.1f} s ({s['tokens_per_s'] / s['workers']:,.0f} tokens/s per worker, "
-          f"{s['workers']} workers)")
+          f"{s['new_tokens']:,} tokens in {s['seconds']:.1f} s "
+          f"({s['tokens_per_s'] / s['workers']:,.0f} tokens/s per worker, {s['workers']} workers)")
+    return 0
 
 
 if __name__ == "__main__" and "get_ipython" not in globals():  # run as a program, not in the notebook

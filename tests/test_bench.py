@@ -61,18 +61,29 @@ def test_bf16_autocast_close_to_fp32():
 
 
 def test_fused_adamw_equals_standard():
-    params = []
+    """Fused and standard AdamW compute the same update with different vectorised code, which
+    differs between CPUs, so they round differently: compare how far each moved the weights in
+    three steps, not the weights to a fixed number of digits.
+
+    Rounding alone: each update is a few dozen fp32 operations (about 1e-7 relative error each),
+    except where a gradient is near zero and m / (sqrt(v) + eps) is ill-conditioned; even there
+    it stays far below 1e-4 of the distance moved (measured: 4e-6 on one CPU, whose largest
+    single-weight difference, 1e-6, failed the old fixed bound elsewhere). Any real difference
+    in the update is far above it: without weight decay the distance changes by 2e-3 of itself,
+    with a learning rate 1 % off by 1e-2. So 1e-4 separates the two."""
+    moved = []
     for fused in (False, True):
         model = build_model(TINY, seed=0)
-        opt = configure_optimizer(model, 1e-3, fused=fused)
+        start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        opt = configure_optimizer(model, 1e-3, weight_decay=0.1, fused=fused)
         assert opt.defaults["fused"] is fused
         x, y = torch.randint(0, TINY.vocab_size, (2, 2, 32), generator=torch.Generator().manual_seed(1))
         for _ in range(3):
             opt.zero_grad()
             model(x, y)[1].backward()
             opt.step()
-        params.append(torch.cat([p.flatten() for p in model.parameters()]))
-    torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)
+        moved.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - start)
+    assert (moved[0] - moved[1]).norm() / moved[0].norm() < 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +135,7 @@ def test_cli_writes_json(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--seq-len", "2048", "--model", "gpt2"], "longer than the model's block_size"),
     (["--steps", "0"], "--steps must be at least 1"),
-    (["--device", "cuda"], "no CUDA device"),
+    (["--device", "cuda"], "no CUDA GPU is visible"),
     (["--model", "huge"], "invalid choice"),
 ])
 def test_cli_bad_input(args, message):

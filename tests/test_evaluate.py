@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from gpt2lib import evaluate
-from gpt2lib.checkpoint import save_checkpoint
+from gpt2lib.checkpoint import load_model, save_checkpoint
 from gpt2lib.data import DataLoader
 from gpt2lib.evaluate import (check_example, download_hellaswag, evaluate_hellaswag, main, read_hellaswag,
                               reference_figures, render_example, score_example, validation_loss)
@@ -315,7 +315,7 @@ def test_checkpoint_that_does_not_fit_names_the_problem(models, tmp_path):
     path = save_checkpoint(tmp_path, 1, {"model": ours.state_dict(), "config": {"n_layer": 2, "n_head": 2, "n_embd": 32,
                                                                               "block_size": 64, "vocab_size": 50257}})
     with pytest.raises(ValueError, match="do not fit the model"):
-        evaluate.load_model(str(path))
+        load_model(str(path))
 
 
 def test_cli_process_exits_1_without_a_traceback(hellaswag_file):

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from gpt2lib.evaluate import load_model
-from gpt2lib.export_hf import export_hf, hf_config, main, to_hf_state_dict
-from gpt2lib.model import GPT, GPTConfig, convert_hf_state_dict
+from gpt2lib.checkpoint import load_model
+from gpt2lib.export_hf import export_hf, main
+from gpt2lib.hf import convert_hf_state_dict, hf_config, to_hf_state_dict
+from gpt2lib.model import GPT, GPTConfig
 from gpt2lib.train import PRESETS, train
 
 

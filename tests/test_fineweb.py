@@ -92,7 +92,7 @@ def test_names_dtype_checksums_and_resume_points(straight, docs):
     assert names[0] == "fineweb_val_000000.npy"
     assert names[1:] == [f"fineweb_train_{i:06d}.npy" for i in range(1, len(names))]
     assert sorted(p.name for p in out.glob("*.npy")) == sorted(names)  # no stray (temporary) files
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no temporary files
     for s in manifest["shards"]:
         arr = np.load(out / s["name"])
         assert arr.dtype == np.uint16 and arr.ndim == 1 and len(arr) == s["tokens"]
@@ -161,7 +161,7 @@ def test_disk_full_mid_shard_leaves_no_complete_looking_shard_and_resumes(tmp_pa
     with pytest.raises(RuntimeError, match="No space left on device.*partial file was removed.*resume"):
         write_shards(local_documents(files), out, SHARD, workers=2, source="fixture", progress=False)
     monkeypatch.setattr(fineweb.np, "save", real_save)
-    assert sorted(p.name for p in out.iterdir()) == ["fineweb_train_000001.npy", "fineweb_val_000000.npy", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["fineweb_train_000001.npy", "fineweb_val_000000.npy", "manifest.json"]
     assert [s["name"] for s in read_manifest(out)["shards"]] == ["fineweb_val_000000.npy", "fineweb_train_000001.npy"]
     assert not read_manifest(out)["finished"]
     write_shards(local_documents(files), out, SHARD, workers=2, source="fixture", progress=False)
@@ -287,12 +287,20 @@ def test_cli_stop_resume_verify(tmp_path, parquet_dir, straight, capsys):
     (["--local", "MISSING"], "error: no such file or directory"),
     ([], "error: cannot reach the Hugging Face hub"),
     (["--verify"], "error: .*manifest.json does not exist"),
-    (["--local", "PARQUET", "--shard-size", "0"], "error: shard_size must be positive"),
 ])
 def test_cli_errors_are_one_line(tmp_path, parquet_dir, args, message, capsys):
     args = [{"MISSING": tmp_path / "missing", "PARQUET": parquet_dir}.get(a, a) for a in args]
     code, _ = main_in_process(capsys, "--out", tmp_path / "out", *args)
     assert isinstance(code, str) and "\n" not in code and re.match(message, code), code
+
+
+@pytest.mark.parametrize("option, value", [("--shard-size", "0"), ("--workers", "0"), ("--limit-docs", "-1"),
+                                           ("--stop-after", "0")])
+def test_cli_out_of_range_options_are_usage_errors(tmp_path, parquet_dir, option, value, capsys):
+    with pytest.raises(SystemExit) as exit:
+        fineweb.main(["--out", str(tmp_path / "out"), "--local", str(parquet_dir), option, value])
+    assert exit.value.code == 2 and f"{option}: must be at least" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_error_exit_status(tmp_path):

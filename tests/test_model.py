@@ -5,7 +5,8 @@ import torch
 from conftest import SHAPES, make_hf_model, save_hf
 from safetensors.torch import load_file, save_file
 
-from gpt2lib.model import GPT, GPTConfig, read_hf_state_dict, sample_next
+from gpt2lib.hf import read_hf_state_dict
+from gpt2lib.model import GPT, GPTConfig, sample_next
 
 
 def compare_with_hf(model: GPT, hf, B=2, T=None, seed=1):

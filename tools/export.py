@@ -15,6 +15,7 @@ an error, and so is a generated module that no chapter exports any more (a stale
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import tempfile
@@ -53,8 +54,29 @@ def export_chapter(nb: Path, lib: Path) -> list[Path]:
         # is_new=True: we always regenerate whole modules, so `#| export NAME` may create NAME.
         maker = ModuleMaker(dest=lib, name=name, nb_path=nb, is_new=True)
         maker.make(cells, exp.in_all[mod], lib_path=lib)
+        hoist_docstring(Path(maker.fname))
         written.append(maker.fname)
     return written
+
+
+FIRST_CELL_DOC = re.compile(r'(# %% [^\n]*\n)("""(?:[^"]|"(?!""))*""")\n')
+
+
+def hoist_docstring(module: Path) -> None:
+    """A string literal that opens a module's first exported cell becomes the module's
+    docstring: it says what the module is. (nbdev writes a docstring only for a chapter's
+    default module, from the chapter's subtitle, which says what the chapter is about; the
+    cell's replaces it.)"""
+    text = module.read_text(encoding="utf-8")
+    first_cell = text.find("\n# %% ../")
+    match = FIRST_CELL_DOC.match(text, first_cell + 1) if first_cell >= 0 else None
+    if not match:
+        return
+    text = text[: match.start()] + match.group(1) + text[match.end():]
+    if text.startswith(('"""', 'r"""')):  # nbdev's, from the chapter's subtitle
+        opening = 4 if text.startswith("r") else 3
+        text = text[text.index('"""', opening) + 3 :].lstrip("\n")
+    module.write_text(match.group(2) + "\n\n" + text, encoding="utf-8")
 
 
 def export_all(nbs: Path = NBS, lib: Path = LIB) -> dict[Path, Path]:

@@ -1,0 +1,178 @@
+"""The appendix's machinery (gpt2lib.runtime) and the package's structure: layers, docstrings, scripts."""
+import ast
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpt2lib
+from gpt2lib.runtime import (DirectoryLocked, atomic_write, autocast_for, command_name, git_state, lock_directory,
+                             one_line, provenance, resolve_device, run_command)
+
+LIB = Path(gpt2lib.__file__).parent
+
+
+def test_resolve_device_accepts_what_is_there_and_names_what_is_not():
+    assert resolve_device("cpu") == "cpu" and resolve_device(None) in ("cpu", "cuda", "mps")
+    with pytest.raises(ValueError, match="'tpu' is not a device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda:1: no CUDA GPU is visible"):
+            resolve_device("cuda:1")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="mps is not available"):
+            resolve_device("mps")
+
+
+def test_autocast_is_bf16_on_cuda_only_unless_asked():
+    with autocast_for("cpu")():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with autocast_for("cpu", torch.bfloat16)():  # how the tests run the GPU's bf16 path on a CPU
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_atomic_write_is_all_or_nothing(tmp_path):
+    path = atomic_write(tmp_path / "f.txt", "old\n")
+    assert path.read_text() == "old\n" and oct(path.stat().st_mode & 0o777) != oct(0o600)
+
+    def half_then_full_disk(f):
+        f.write(b"new, half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(path, half_then_full_disk)
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+    atomic_write(path, b"bytes")
+    assert path.read_bytes() == b"bytes"
+
+
+def test_lock_refuses_a_second_holder_names_the_first_and_is_released(tmp_path):
+    with lock_directory(tmp_path / "run", "training run"):
+        script = f"from gpt2lib.runtime import lock_directory\nwith lock_directory({str(tmp_path / 'run')!r}): pass"
+        other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert other.returncode == 1 and "DirectoryLocked" in other.stderr and "is in use by another run (pid" in other.stderr
+        with pytest.raises(DirectoryLocked, match="in use by another training run"):
+            with lock_directory(tmp_path / "run", "training run"):
+                pass
+    with lock_directory(tmp_path / "run"):  # free again
+        pass
+
+
+def test_lock_is_released_when_the_holder_is_killed(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom gpt2lib.runtime import lock_directory\n"
+                               f"with lock_directory({str(tmp_path)!r}):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(DirectoryLocked):
+        with lock_directory(tmp_path):
+            pass
+    holder.kill()
+    holder.wait()
+    with lock_directory(tmp_path):  # kill -9 left no stale lock
+        pass
+
+
+def test_run_command_exit_statuses(capsys):
+    @run_command
+    def fails(argv=None):
+        raise FileNotFoundError("no such thing\nsecond line")
+
+    @run_command
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    @run_command
+    def returns(argv=None):
+        return 3
+
+    with pytest.raises(SystemExit) as exit:
+        fails()
+    assert exit.value.code == "error: no such thing second line"  # printed on one line, status 1
+    for command, status in ((interrupted, 130), (returns, 3)):
+        with pytest.raises(SystemExit) as exit:
+            command()
+        assert exit.value.code == status
+    assert one_line(ValueError("")) == "ValueError"
+
+
+def test_command_name_follows_how_the_command_was_called(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/gpt2-export-hf"])
+    assert command_name("export_hf") == "gpt2-export-hf"
+    monkeypatch.setattr(sys, "argv", ["/work/gpt2lib/export_hf.py"])
+    assert command_name("export_hf") == "python -m gpt2lib.export_hf"
+
+
+def test_provenance_records_the_commit_and_whether_the_tree_was_dirty():
+    state = git_state()
+    inside_checkout = (LIB.parent / ".git").exists()
+    assert (state["commit"] is not None) == inside_checkout
+    if inside_checkout:
+        assert len(state["commit"]) == 40 and isinstance(state["dirty"], bool)
+    assert {"device", "torch", "cuda", "commit", "dirty", "date"} <= provenance("cpu").keys()
+
+
+# The package's layers (see gpt2lib/__init__.py): a module imports only from lower layers.
+LAYERS = {"runtime": 0, "book": 1, "tokenizer": 1, "hub": 1, "model": 1, "optim": 1, "dist": 1, "hf": 2, "data": 2,
+          "checkpoint": 3, "config": 3, "rundir": 3, "bench": 3, "fineweb": 3, "sample": 4, "evaluate": 4,
+          "export_hf": 4, "train": 5}
+UPWARD_ALLOWED = {("model", "hf")}  # GPT.from_pretrained hands over to gpt2lib.hf, inside the method
+
+
+def gpt2lib_imports(path: Path) -> set[str]:
+    "The gpt2lib modules that `path` imports, anywhere in the file."
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:
+                found.update(alias.name for alias in node.names)
+            elif node.module and node.module.startswith("gpt2lib."):
+                found.add(node.module.split(".")[1])
+    return found
+
+
+def test_every_module_has_a_layer_and_imports_only_point_down():
+    modules = {p.stem for p in LIB.glob("*.py")} - {"__init__"}
+    assert modules == LAYERS.keys()
+    for name in modules:
+        for imported in gpt2lib_imports(LIB / f"{name}.py"):
+            assert LAYERS[imported] < LAYERS[name] or (name, imported) in UPWARD_ALLOWED, f"{name} imports {imported}"
+
+
+def test_every_module_says_what_it_is():
+    for path in LIB.glob("*.py"):
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and len(doc) > 40, f"{path.name} has no docstring"
+        assert not doc.lower().startswith(("chapter", "this chapter")), path.name
+
+
+def test_one_home_for_shared_helpers():
+    "The helpers every module needs are defined once (in runtime), and EOT_TOKEN once (in tokenizer)."
+    definitions = {}
+    for path in LIB.glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+                [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+            for name in names:
+                definitions.setdefault(name, []).append(path.stem)
+    for name in ("default_device", "resolve_device", "autocast_for", "atomic_write", "provenance", "git_state",
+                 "read_log", "EOT_TOKEN", "split_shards", "load_model"):
+        assert len(definitions.get(name, [])) == 1, (name, definitions.get(name))
+    source = "\n".join(p.read_text() for p in LIB.glob("*.py") if p.stem != "runtime")
+    assert "os.replace(" not in source.replace("os.replace(tmp / name, out / name)", "")  # export's per-file --force
+    assert "torch.cuda.is_available() else" not in source  # the default device is runtime's
+
+
+SCRIPTS = ["gpt2-train", "gpt2-sample", "gpt2-evaluate", "gpt2-export-hf", "gpt2-fineweb", "gpt2-bench"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_console_scripts_answer_help_under_their_own_name(script):
+    path = Path(sys.executable).parent / script  # pip install -e . puts it there
+    assert path.exists(), f"{script} is not installed: pip install -e ."
+    result = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: {script} "), result.stderr
