@@ -1,15 +1,15 @@
 "`gpt2lib.train --compile`: trains compiled, and still validates and samples correctly (chapter 4)."
-import json
 
 import pytest
 
 from gpt2lib.train import PRESETS, train
+from gpt2lib.rundir import read_log
 
 SMOKE = PRESETS["smoke"]
 
 
 def log(out):
-    entries = [json.loads(line) for line in open(out / "log.jsonl")]
+    entries = read_log(out / "log.jsonl")
     return [e["loss"] for e in entries if "loss" in e], [e["val_loss"] for e in entries if "val_loss" in e]
 
 

@@ -16,6 +16,7 @@ import torch
 from gpt2lib import dist
 from gpt2lib.checkpoint import list_checkpoints
 from gpt2lib.train import PRESETS, train
+from gpt2lib.rundir import read_log
 
 # The smoke preset with 512 tokens per step: 2 micro-steps per rank on 2 ranks (so no_sync is
 # used), 4 micro-steps in one process. Checkpoints at steps 3 and 6.
@@ -31,7 +32,7 @@ def torchrun(n_procs, *args, timeout=300):
 
 
 def log(out):
-    entries = [json.loads(line) for line in open(out / "log.jsonl")]
+    entries = read_log(out / "log.jsonl")
     return [e for e in entries if "loss" in e], [e for e in entries if "val_loss" in e]
 
 

@@ -1,5 +1,4 @@
 import dataclasses
-import json
 import subprocess
 import sys
 
@@ -10,12 +9,13 @@ import torch
 from gpt2lib import checkpoint
 from gpt2lib.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from gpt2lib.train import PRESETS, train
+from gpt2lib.rundir import read_log
 
 SMOKE = PRESETS["smoke"]
 
 
 def losses(out):
-    entries = [json.loads(line) for line in open(out / "log.jsonl")]
+    entries = read_log(out / "log.jsonl")
     return [e["loss"] for e in entries if "loss" in e], [e["val_loss"] for e in entries if "val_loss" in e]
 
 
@@ -29,7 +29,7 @@ def straight(tmp_path_factory):
 
 def test_log_has_the_promised_fields(straight):
     out, summary = straight
-    entries = [json.loads(line) for line in open(out / "log.jsonl")]
+    entries = read_log(out / "log.jsonl")
     steps = [e for e in entries if "loss" in e]
     assert [e["step"] for e in steps] == list(range(SMOKE.max_steps))
     assert all({"step", "loss", "lr", "norm", "dt", "tokens_per_s"} <= e.keys() for e in steps)
@@ -189,7 +189,7 @@ def test_hellaswag_during_training_equals_chapter_8s_evaluation(tmp_path):
     path = str(files("gpt2lib") / "assets" / "hellaswag_handmade.jsonl")
     cfg = dataclasses.replace(SMOKE, hellaswag=path, hellaswag_limit=4)
     summary = train(cfg, tmp_path, device="cpu", progress=False)
-    evals = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "hellaswag" in line]
+    evals = [e for e in read_log(tmp_path / "log.jsonl") if "hellaswag_acc" in e]
     assert [e["step"] for e in evals] == [0, 3, 6] and all("val_loss" in e for e in evals)
     model, _ = load_model(str(tmp_path), "cpu")  # the final checkpoint
     expected = evaluate_hellaswag(model, read_hellaswag(path)[:4], "cpu", progress=False)
