@@ -14,7 +14,6 @@ import gc
 import json
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,8 @@ import torch
 from .data import DataLoader, read_asset_text, tokenize
 from .model import GPT, GPTConfig
 from .optim import configure_optimizer, train_step
-from .runtime import atomic_write, command_name, device_name, provenance, resolve_device, run_command
+from .runtime import (atomic_write, autocast_for, command_name, device_name, provenance, resolve_device,
+                             run_command)
 
 
 def flops_per_token(config: GPTConfig, T: int) -> int:
@@ -127,7 +127,7 @@ def time_recipe(recipe: Recipe, config: GPTConfig, tokens, B: int, T: int, steps
     model = build_model(config).to(device)
     optimizer = configure_optimizer(model, 6e-4, device_type=device.type, fused=recipe.fused_adamw)
     step_model = torch.compile(model) if recipe.compile else model
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if recipe.bf16 else nullcontext
+    autocast = autocast_for(device, torch.bfloat16 if recipe.bf16 else torch.float32)
     loader = DataLoader(tokens, B, T)
 
     def step():

@@ -111,10 +111,13 @@ def lock_directory(path, what: str = "run"):
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # another process holds it
             holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
             raise DirectoryLocked(f"{path} is in use by another {what} ({holder or 'holder unknown'}): "
                                   "wait for it to finish or stop it, or use another directory") from None
+        except OSError as err:  # a file system without locks
+            raise OSError(f"cannot lock {path} ({err.strerror or err}): its file system does not support "
+                          "flock; use a directory on a local disk or a file system with locks") from None
         me = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, me.encode(), 0)

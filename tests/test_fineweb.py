@@ -3,6 +3,7 @@
 import errno
 import gzip
 import json
+import os
 import re
 import subprocess
 import sys
@@ -306,3 +307,21 @@ def test_cli_out_of_range_options_are_usage_errors(tmp_path, parquet_dir, option
 def test_cli_error_exit_status(tmp_path):
     r = run_cli("--out", tmp_path / "out", "--local", tmp_path / "missing")
     assert r.returncode == 1 and r.stderr.startswith("error: no such file or directory") and "Traceback" not in r.stderr
+
+
+def test_the_same_files_named_another_way_resume_the_same_run(tmp_path, parquet_dir, straight, capsys):
+    "A relative and an absolute path to the same input are the same source: the run resumes."
+    relative = os.path.relpath(parquet_dir, tmp_path)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code, _ = main_in_process(capsys, "--out", "out", "--local", relative, "--shard-size", SHARD,
+                                  "--workers", "1", "--stop-after", "1", "--no-progress")
+    finally:
+        os.chdir(cwd)
+    assert code is None
+    code, out = main_in_process(capsys, "--out", tmp_path / "out", "--local", parquet_dir, "--shard-size",
+                                SHARD, "--workers", "1", "--no-progress")
+    assert code is None and out.startswith("done:"), out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.npy")} == \
+        {p.name: p.read_bytes() for p in straight[0].glob("*.npy")}

@@ -176,3 +176,16 @@ def test_console_scripts_answer_help_under_their_own_name(script):
     assert path.exists(), f"{script} is not installed: pip install -e ."
     result = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith(f"usage: {script} "), result.stderr
+
+
+def test_a_file_system_without_locks_is_named_not_mistaken_for_another_run(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(OSError, match="No locks available.*does not support flock") as err:
+        with lock_directory(tmp_path):
+            pass
+    assert not isinstance(err.value, DirectoryLocked)

@@ -41,3 +41,16 @@ def test_prompt_outside_the_vocabulary(tiny_hf):
     result = run_sample("--model", str(path), "--prompt", "Hello", "--max-new-tokens", "1")
     assert result.returncode != 0
     assert "vocab_size is 101" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_samples_from_a_training_checkpoint_and_a_run_directory(tmp_path):
+    "gpt2-sample takes what gpt2-evaluate and gpt2-export-hf take: checkpoints and run directories too."
+    from gpt2lib.checkpoint import list_checkpoints
+    from gpt2lib.train import PRESETS, train
+
+    train(PRESETS["smoke"], tmp_path, device="cpu", progress=False)
+    for model in (tmp_path, list_checkpoints(tmp_path)[0]):
+        result = run_sample("--model", str(model), "--prompt", "ROMEO:", "--num-samples", "2", "--max-new-tokens", "4",
+                            "--seed", "1", "--device", "cpu")
+        assert result.returncode == 0, result.stderr
+        assert [line[:8] for line in result.stdout.splitlines()] == ["> ROMEO:"] * 2
