@@ -136,6 +136,8 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
         bad("warmup_steps", f"at most max_steps = {cfg.max_steps}, or the learning rate never reaches max_lr")
     if cfg.data in SHIPPED_TEXTS and cfg.vocab_size <= EOT_TOKEN:
         bad("vocab_size", f"at least {EOT_TOKEN + 1}: the shipped text {cfg.data!r} uses GPT-2's whole vocabulary")
+    if cfg.hellaswag and cfg.vocab_size <= EOT_TOKEN:
+        bad("vocab_size", f"at least {EOT_TOKEN + 1} with HellaSwag, which is scored in GPT-2's tokens")
     if cfg.hellaswag not in ("", "download") and not Path(cfg.hellaswag).is_file():
         bad("hellaswag", "'' (off), 'download', or the path of an existing .jsonl file")
     try:

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['HELLASWAG_URL', 'HELLASWAG_SPLITS', 'validation_loss', 'default_cache_dir', 'download_hellaswag', 'check_example',
-           'read_hellaswag', 'render_example', 'Scores', 'score_example', 'block_size_of', 'evaluate_hellaswag',
-           'reference_figures', 'val_source', 'parse_args', 'run', 'main']
+           'read_hellaswag', 'render_example', 'Scores', 'score_example', 'block_size_of', 'check_examples_fit',
+           'evaluate_hellaswag', 'reference_figures', 'val_source', 'parse_args', 'run', 'main']
 
 # %% ../nbs/08_eval.ipynb #c006
 import argparse
@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from .data import DataLoader, split_shards
 from .dist import all_reduce_sum
 from .runtime import atomic_write
-from .tokenizer import get_encoding
+from .tokenizer import EOT_TOKEN, get_encoding
 
 
 @torch.no_grad()
@@ -165,6 +165,22 @@ def block_size_of(model) -> int | None:
     return getattr(getattr(model, "config", None), "block_size", None)
 
 
+def check_examples_fit(examples: list[dict], block_size: int, vocab_size: int = EOT_TOKEN + 1) -> None:
+    "Refuse, before any scoring, examples a model of this shape cannot score."
+    if vocab_size <= EOT_TOKEN:
+        raise ValueError(f"HellaSwag is scored in GPT-2's tokens, but the model's vocab_size is {vocab_size}")
+    enc = get_encoding()
+    too_long = 0
+    for example in examples:
+        try:
+            render_example(example, enc, block_size)
+        except ValueError:  # an ending that does not fit after at least one context token
+            too_long += 1
+    if too_long:
+        raise ValueError(f"{too_long} of {len(examples)} HellaSwag examples have an ending too long for block_size "
+                         f"{block_size}; use a longer block_size, or no HellaSwag")
+
+
 def evaluate_hellaswag(model, examples: list[dict], device, autocast=nullcontext, rank: int = 0,
                        world_size: int = 1, progress: bool = True) -> dict:
     """acc and acc_norm of `model` on `examples`; rank `rank` scores examples i % world_size == rank
@@ -244,6 +260,8 @@ def run(args) -> dict:
     if args.val is not None:
         shards = val_source(args.val)
     model, what = load_model(args.model, device)
+    if examples is not None:
+        check_examples_fit(examples, model.config.block_size, model.config.vocab_size)
     print(f"model: {what} ({model.num_params():,} parameters)")
     results = {}
     if shards is not None:

@@ -176,8 +176,12 @@ def read_manifest(out) -> dict:
         raise FileNotFoundError(f"{path} does not exist: {out} was not written by gpt2lib.fineweb")
     try:
         manifest = json.loads(path.read_text())
-        manifest["shards"], manifest["settings"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        if not (isinstance(manifest.get("settings"), dict) and isinstance(manifest.get("shards"), list)):
+            raise ValueError("no settings or shards")
+        for shard in manifest["shards"]:
+            if not (isinstance(shard, dict) and {"name", "tokens", "sha256", "next_doc", "next_offset"} <= shard.keys()):
+                raise ValueError(f"a shard entry is incomplete: {str(shard)[:100]}")
+    except (ValueError, AttributeError) as err:  # also bad JSON and bad UTF-8
         raise ValueError(f"{path} is damaged ({err}); delete {out} and start again") from None
     return manifest
 
@@ -189,8 +193,10 @@ def open_manifest(out, settings: dict) -> dict:
         if out.is_dir() and any(out.glob("*.npy")):
             raise ValueError(f"{out} has .npy files but no {MANIFEST}; use a new or empty directory")
         out.mkdir(parents=True, exist_ok=True)
-        return {"settings": settings, "tokenizer": "gpt2", "eot": EOT_TOKEN, "dtype": np.dtype(TOKEN_DTYPE).name,
-                "shards": [], "finished": False}
+        manifest = {"settings": settings, "tokenizer": "gpt2", "eot": EOT_TOKEN, "dtype": np.dtype(TOKEN_DTYPE).name,
+                    "shards": [], "finished": False}
+        save_manifest(out, manifest)  # before the first shard: a stop at any point leaves a resumable directory
+        return manifest
     manifest = read_manifest(out)
     changed = [f"{key}={manifest['settings'].get(key)!r} (now {value!r})" for key, value in settings.items()
                if manifest["settings"].get(key) != value]

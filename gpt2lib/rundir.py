@@ -58,19 +58,27 @@ class RunDir:
     def __exit__(self, *exc):
         self._held.close()  # releases the lock
 
-    def claim(self, fresh: bool) -> None:
-        """Take the directory's lock (refused if another run holds it); a `fresh` run also refuses
-        a directory that holds another run's log, samples or summary."""
+    def claim(self) -> None:
+        "Take the directory's lock; refused, naming the holder, if another run has it."
         if not self.main:
             return
         try:
             self._held.enter_context(lock_directory(self.path, "training run"))
         except (PermissionError, FileExistsError, NotADirectoryError) as err:
             raise OSError(f"cannot write to --out {self.path}: {err.strerror or err}") from None
+        for name in (LOG, SAMPLES, SUMMARY):  # temporary files of a process killed mid-write; we hold the lock
+            for stale in self.path.glob(f".{name}.*.tmp"):
+                stale.unlink()
+
+    def refuse_earlier_run(self, what_to_do: str) -> None:
+        "Refuse to go on if the directory holds another run's log, samples or summary (they would be lost)."
         earlier = [name for name in (LOG, SAMPLES, SUMMARY) if (self.path / name).exists()]
-        if fresh and earlier:
-            raise ValueError(f"{self.path} already holds a run ({', '.join(earlier)}): pass --resume to continue "
-                             "it, or choose another --out")
+        if self.main and earlier:
+            raise ValueError(f"{self.path} already holds a run ({', '.join(earlier)}): {what_to_do}")
+
+    def has_summary(self) -> bool:
+        "Whether the run here has finished (it wrote summary.json)."
+        return (self.path / SUMMARY).is_file()
 
     def rewind(self, step: int) -> None:
         "Forget the log and sample entries from `step` on: a resumed run does those steps again."

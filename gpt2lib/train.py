@@ -19,10 +19,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist
-from .checkpoint import Checkpointer, refuse_earlier_checkpoints
+from .checkpoint import (Checkpointer, list_checkpoints, refuse_earlier_checkpoints,
+                                remove_stale_temporary_files)
 from .config import PRESETS, TrainConfig, add_config_arguments, config_from_args
 from .data import SHIPPED_TEXTS, DataLoader, read_asset_text, split_shards, tokenize
-from .evaluate import download_hellaswag, evaluate_hellaswag, read_hellaswag, validation_loss
+from .evaluate import (check_examples_fit, download_hellaswag, evaluate_hellaswag, read_hellaswag,
+                              validation_loss)
 from .model import GPT
 from .optim import configure_optimizer, grad_accum_steps, lr_at, train_step
 from .rundir import RunDir
@@ -72,7 +74,9 @@ def load_hellaswag(cfg: TrainConfig) -> list[dict] | None:
         return None
     path = download_hellaswag("val", progress=False) if cfg.hellaswag == "download" else cfg.hellaswag
     examples = read_hellaswag(path)
-    return examples[: cfg.hellaswag_limit] if cfg.hellaswag_limit else examples
+    examples = examples[: cfg.hellaswag_limit] if cfg.hellaswag_limit else examples
+    check_examples_fit(examples, cfg.block_size)  # now, not at the first evaluation
+    return examples
 
 # %% ../nbs/09_train.ipynb #c026
 class Evaluator:
@@ -157,11 +161,15 @@ def run_steps(cfg: TrainConfig, env: dist.DistEnv, step_model, optimizer, loader
                unit="step", dynamic_ncols=True)
     try:
         for step in range(start, cfg.max_steps):
-            if evaluator.eval_due(step):
-                val_loss = evaluator.evaluate(step).get("val_loss", val_loss)
-            if evaluator.sample_due(step):
-                for text in evaluator.sample(step):
-                    bar.write(f"step {step} > {text}")
+            if evaluator.eval_due(step) or evaluator.sample_due(step):
+                if evaluator.eval_due(step):
+                    val_loss = evaluator.evaluate(step).get("val_loss", val_loss)
+                if evaluator.sample_due(step):
+                    for text in evaluator.sample(step):
+                        bar.write(f"step {step} > {text}")
+                if dist.any_rank(interrupt.requested, env.device):  # Ctrl-C while evaluating: save now
+                    checkpointer.save(step)
+                    return step, True
             t0 = time.perf_counter()
             batches = [tuple(t.to(env.device, non_blocking=True) for t in loader.next_batch()) for _ in range(accum)]
             lr = lr_at(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
@@ -210,16 +218,22 @@ def train(cfg: TrainConfig, out, device: str | None = None, resume: bool = False
     hellaswag = load_hellaswag(cfg)
     with RunDir(out, main=env.is_main) as run:
 
-        def claim():  # rank 0: the run directory's lock, and no earlier run to overwrite
-            run.claim(fresh=not resume)
+        def claim():  # rank 0: the run directory's lock; nothing of an earlier run is overwritten
+            run.claim()
             if not resume:
+                run.refuse_earlier_run("pass --resume to continue it, or choose another --out")
                 refuse_earlier_checkpoints(run.path)
+            elif not list_checkpoints(run.path):  # resuming from step 0 would erase that run's log
+                run.refuse_earlier_run("it has no checkpoint to resume from; choose another --out")
+            remove_stale_temporary_files(run.path)
 
         dist.on_main(claim)
         model, optimizer = build_model(cfg, env.device)
         checkpointer = Checkpointer(run.path, cfg, env, model, optimizer, loader, cfg.checkpoint_every,
                                     cfg.keep_checkpoints)
         start = checkpointer.restore() if resume else 0
+        if start >= cfg.max_steps and dist.on_main(run.has_summary):  # finished: nothing to do, nothing to change
+            return {"steps": start, "finished": True, "already_finished": True}
         dist.on_main(lambda: run.rewind(start))  # the steps after the checkpoint are done again
         eval_model = torch.compile(model) if compile else model
         step_model = DDP(eval_model, device_ids=[env.local_rank] if env.device.startswith("cuda") else None) \
@@ -237,11 +251,11 @@ def train(cfg: TrainConfig, out, device: str | None = None, resume: bool = False
 
 # %% ../nbs/09_train.ipynb #c033
 def positive(kind):
-    "An argparse type: a number of `kind` above 0."
+    "An argparse type: a finite number of `kind` above 0."
     def parse(text):
         value = kind(text)
-        if not value > 0:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
         return value
     return parse
 
@@ -268,27 +282,26 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg, out = config_from_args(args), args.out or f"runs/{args.preset}"
-    if dist.launched_by_torchrun() and os.environ.get("RANK") != "0":
-        try:  # every rank checks the settings; only rank 0 reports what is wrong with them
-            cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
-        except ValueError:
-            return 1
-    t0, env = time.perf_counter(), dist.setup(resolve_device(args.device), args.dist_timeout)
+    rank, env, t0 = dist.rank_from_env(), None, time.perf_counter()
     try:
+        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # on every rank, before the process group
+        env = dist.setup(resolve_device(args.device), args.dist_timeout)
         summary = train(cfg, out, resume=args.resume, compile=args.compile, stop_after=args.stop_after,
                         progress=not args.no_progress, env=env)
     except USER_ERRORS as err:
-        if env.distributed and dist.is_collective_failure(err):
+        if env is not None and env.distributed and dist.is_collective_failure(err):
             raise RuntimeError(dist.describe_collective_failure(err, env)) from None
-        if env.distributed and not env.is_main:
-            if isinstance(err, Diverged):  # every rank saw the same loss: rank 0 says it
-                return 1
-            raise RuntimeError(f"rank {env.rank}: {one_line(err)}") from None
+        if rank != 0:  # rank 0 reports what every rank meets; this rank's own error comes after a wait
+            dist.defer_to_rank_0(rank)
+            raise RuntimeError(f"rank {rank}: {one_line(err)}") from None
         raise
     dist.teardown()
     if not env.is_main:
         return EXIT_INTERRUPTED if summary.get("interrupted") else 0
     minutes = (time.perf_counter() - t0) / 60
+    if summary.get("already_finished"):
+        print(f"nothing to do: {out} holds a finished run of {summary['steps']} steps (summary.json)")
+        return 0
     if not summary["finished"]:
         print(f"stopped after step {summary['steps']} ({minutes:.1f} min); continue with --resume --out {out}")
         return EXIT_INTERRUPTED if summary.get("interrupted") else 0

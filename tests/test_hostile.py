@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from gpt2lib.runtime import lock_directory
 from gpt2lib.train import PRESETS, train
 
 SMOKE = PRESETS["smoke"]
+HANDMADE = str(files("gpt2lib") / "assets" / "hellaswag_handmade.jsonl")
 COMMANDS = {"train": train_module.main, "sample": sample.main, "evaluate": evaluate.main,
             "export_hf": export_hf.main, "fineweb": fineweb.main, "bench": bench.main}
 
@@ -73,8 +75,16 @@ def finished_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    "A smoke run stopped after 3 of its 6 steps (checkpoint at step 3)."
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    train(SMOKE, out, device="cpu", stop_after=3, progress=False)
+    return out
+
+
 @pytest.fixture
-def world(tmp_path, finished_run):
+def world(tmp_path, finished_run, stopped_run):
     "Files a hostile user points the commands at, by the names the cases below use."
     places = {"TMP": tmp_path, "OUT": tmp_path / "out", "RUN": tmp_path / "run"}
     shutil.copytree(finished_run, places["RUN"])
@@ -106,7 +116,7 @@ def world(tmp_path, finished_run):
         (tmp_path / "all_corrupt" / f"ckpt_{step:07d}.pt").write_bytes(b"truncated")
     places["ALL_CORRUPT"] = tmp_path / "all_corrupt"
     damaged = tmp_path / "damaged_log"
-    shutil.copytree(finished_run, damaged)
+    shutil.copytree(stopped_run, damaged)
     lines = (damaged / "log.jsonl").read_text().splitlines()
     lines[2] = lines[2][:10]  # damage in the middle: not a torn last line
     (damaged / "log.jsonl").write_text("\n".join(lines) + "\n")
@@ -184,6 +194,12 @@ CASES = {
                                        ["none of the 2 checkpoints"]),
     "resume, damaged log": ("train", ["--preset", "smoke", "--out", "DAMAGED_LOG", "--resume"], 1,
                             ["log.jsonl, line 3: not a log entry"]),
+    "resume, a log but no checkpoint": ("train", ["--preset", "smoke", "--out", "HAS_log.jsonl", "--resume"], 1,
+                                        ["already holds a run (log.jsonl)", "no checkpoint to resume from"]),
+    "timeout inf": ("train", ["--preset", "smoke", "--out", "OUT", "--dist-timeout", "inf"], 2, ["--dist-timeout"]),
+    "HellaSwag endings too long": ("train", ["--preset", "smoke", "--out", "OUT", "--block-size", "8",
+                                             "--hellaswag", HANDMADE], 1, ["HellaSwag examples have an ending too long",
+                                                                           "block_size 8"]),
     # the other commands take the same model specifications, with the same errors
     "sample, missing model": ("sample", ["--model", "TMP/nowhere"], 1, ["neither a directory nor a released"]),
     "sample, corrupt checkpoint": ("sample", ["--model", "CORRUPT_PT"], 1, ["cannot load as a checkpoint"]),
@@ -230,6 +246,13 @@ def test_bad_input_is_one_line_a_non_zero_exit_and_changes_nothing(case, world, 
     for fragment in fragments:
         assert fragment in message, message
     assert snapshot(world["TMP"]) == before  # nothing lost, nothing changed, nothing half-written
+
+
+def test_resuming_a_finished_run_does_nothing_and_changes_nothing(world, capsys):
+    before = snapshot(world["TMP"])
+    train_module.main(["--preset", "smoke", "--out", str(world["RUN"]), "--resume", "--device", "cpu", "--no-progress"])
+    assert "nothing to do" in capsys.readouterr().out  # and the exit status is 0: main returned
+    assert snapshot(world["TMP"]) == before  # summary.json keeps the provenance of the run that made it
 
 
 def test_a_second_command_on_a_directory_in_use_is_refused(world, capsys):
