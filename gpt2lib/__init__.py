@@ -27,4 +27,19 @@ module imports only from layers below its own):
 import that points up, so that the model class keeps HF's familiar entry point.
 """
 
+import os as _os
+import signal as _signal
+import sys as _sys
+
 __version__ = "0.1.0"
+
+
+def _started_as_command() -> bool:
+    """Whether this process runs a gpt2lib command: `python -m gpt2lib.NAME` (argv[0] is '-m'
+    while the package is imported) or a console script `gpt2-NAME`."""
+    name = _os.path.basename(_sys.argv[0]) if _sys.argv and _sys.argv[0] else ""
+    return name == "-m" or name.startswith("gpt2-")
+
+
+if _started_as_command():  # Ctrl-C while PyTorch imports: exit 130 quietly, not with a traceback of importlib's
+    _signal.signal(_signal.SIGINT, lambda signum, frame: _os._exit(130))  # runtime.run_command restores it

@@ -159,7 +159,9 @@ class DataLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state["n_sources"] != len(self.sources):
-            raise ValueError(f"loader state is for {state['n_sources']} shards, this data has {len(self.sources)}")
+            raise ValueError(f"the saved data position is in {state['n_sources']} shards, but the data now has "
+                             f"{len(self.sources)}: resume with the shards the run started with (adding or removing "
+                             "shards changes what every position means)")
         self.reset(state["epoch"])
         self.shard, self.pos = state["shard"], state["pos"]
         # saved under another world size, a step may be wider now than what is left of the shard

@@ -82,17 +82,17 @@ def download_hellaswag(split: str = "val", cache_dir=None, timeout: float = 10.0
 
 # %% ../nbs/08_eval.ipynb #c012
 def check_example(example) -> dict:
-    "`example` if it has what scoring needs: a `ctx` string, four `endings` strings, a `label` 0-3."
+    "`example` if it has what scoring needs: a `ctx` text, four non-empty `endings` texts, a `label` 0-3."
     if not isinstance(example, dict):
         raise ValueError(f"expected a JSON object, got {type(example).__name__}")
     missing = [key for key in ("ctx", "endings", "label") if key not in example]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
     ctx, endings, label = example["ctx"], example["endings"], example["label"]
-    if not isinstance(ctx, str):
-        raise ValueError(f"ctx must be a string, got {type(ctx).__name__}")
-    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
-        raise ValueError(f"endings must be a list of 4 strings, got {json.dumps(endings)[:200]}")
+    if not (isinstance(ctx, str) and ctx.strip()):
+        raise ValueError(f"ctx must be non-empty text, got {json.dumps(ctx)[:200]}")
+    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) and e.strip() for e in endings)):
+        raise ValueError(f"endings must be a list of 4 non-empty texts, got {json.dumps(endings)[:200]}")
     if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < 4):
         raise ValueError(f"label must be 0, 1, 2 or 3, got {label!r}")
     return example

@@ -26,6 +26,9 @@ def check_out_dir(out_dir, force: bool = False) -> Path:
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
+    blocking = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise FileExistsError(f"cannot create {out}: {blocking} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} is not empty: choose a new directory, or pass --force to replace "
                               f"the model files ({', '.join(EXPORT_FILES)}) in it")

@@ -5,14 +5,15 @@
 # %% auto #0
 __all__ = ['DATASET', 'NAME', 'SHARD_SIZE', 'DOC_SUFFIXES', 'MANIFEST', 'tokenize_doc', 'document_files', 'read_parquet_texts',
            'read_jsonl_texts', 'local_documents', 'hub_documents', 'sha256_file', 'write_shard', 'shard_name',
-           'save_manifest', 'read_manifest', 'open_manifest', 'verify_shards', 'tokenized', 'write_shards', 'at_least',
-           'parse_args', 'main']
+           'save_manifest', 'read_manifest', 'open_manifest', 'check_manifest', 'verify_shards', 'tokenized',
+           'write_shards', 'at_least', 'parse_args', 'main']
 
 # %% ../nbs/07_fineweb.ipynb #c006
 import gzip
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ import numpy as np
 
 from .data import TOKEN_DTYPE, load_tokens
 from .hub import hub_reachable
-from .runtime import atomic_write, lock_directory
+from .runtime import LOCK_NAME, atomic_write, lock_directory
 from .tokenizer import EOT_TOKEN, get_encoding
 
 DATASET, NAME = "HuggingFaceFW/fineweb-edu", "sample-10BT"
@@ -85,21 +86,30 @@ def read_parquet_texts(path, text_field: str = "text") -> Iterator[str]:
 
 def read_jsonl_texts(path, text_field: str = "text") -> Iterator[str]:
     "The `text_field` of each JSON object of a `.jsonl` (or `.jsonl.gz`) file; blank lines are skipped."
+    import zlib
+
     path = Path(path)
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[text_field]
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {line_no}: not valid JSON ({err.msg})") from None
-            except (KeyError, TypeError):
-                raise ValueError(f"{path}, line {line_no}: not an object with a {text_field!r} field") from None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}, line {line_no}: {text_field!r} is {type(text).__name__}, not text")
-            yield text
+    line_no = 0
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = json.loads(raw.decode("utf-8"))[text_field]
+                except UnicodeDecodeError:
+                    raise ValueError(f"{path}, line {line_no}: not UTF-8 text") from None
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {line_no}: not valid JSON ({err.msg})") from None
+                except (KeyError, TypeError, IndexError):
+                    raise ValueError(f"{path}, line {line_no}: not an object with a {text_field!r} field") from None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}, line {line_no}: {text_field!r} is {type(text).__name__}, not text")
+                yield text
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # a truncated or damaged .gz
+        raise ValueError(f"{path}: the gzip file is damaged or incomplete after line {line_no} "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def local_documents(files, text_field: str = "text") -> Iterator[str]:
@@ -187,17 +197,25 @@ def read_manifest(out) -> dict:
 
 
 def open_manifest(out, settings: dict) -> dict:
-    "The manifest to continue from: the existing one (checked against `settings` and the files), or a new one."
+    """The manifest to continue from: the existing one (checked against `settings` and the files),
+    or a new one, written at once. A manifest that records no shard yet binds nothing: a run that
+    failed before its first shard (bad input, say) starts again with the settings it is given."""
     out = Path(out)
-    if not (out / MANIFEST).exists():
-        if out.is_dir() and any(out.glob("*.npy")):
-            raise ValueError(f"{out} has .npy files but no {MANIFEST}; use a new or empty directory")
-        out.mkdir(parents=True, exist_ok=True)
-        manifest = {"settings": settings, "tokenizer": "gpt2", "eot": EOT_TOKEN, "dtype": np.dtype(TOKEN_DTYPE).name,
-                    "shards": [], "finished": False}
-        save_manifest(out, manifest)  # before the first shard: a stop at any point leaves a resumable directory
-        return manifest
-    manifest = read_manifest(out)
+    if (out / MANIFEST).exists():
+        manifest = read_manifest(out)
+        if manifest["shards"] or manifest["finished"]:
+            return check_manifest(out, manifest, settings)
+    elif out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no {MANIFEST}: use a new or empty directory for the shards")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"settings": settings, "tokenizer": "gpt2", "eot": EOT_TOKEN, "dtype": np.dtype(TOKEN_DTYPE).name,
+                "shards": [], "finished": False}
+    save_manifest(out, manifest)  # before the first shard: a stop at any point leaves a resumable directory
+    return manifest
+
+
+def check_manifest(out: Path, manifest: dict, settings: dict) -> dict:
+    "`manifest` if it was made with `settings` and its shards are there; an error naming what differs if not."
     changed = [f"{key}={manifest['settings'].get(key)!r} (now {value!r})" for key, value in settings.items()
                if manifest["settings"].get(key) != value]
     if changed:
@@ -256,11 +274,17 @@ def write_shards(docs: Iterable[str], out, shard_size: int = SHARD_SIZE, workers
     if shard_size < 1 or (limit_docs is not None and limit_docs < 0):
         raise ValueError(f"shard_size must be positive and limit_docs non-negative, got {shard_size}, {limit_docs}")
     out = Path(out)
-    with lock_directory(out, "gpt2lib.fineweb"):
-        settings = {"source": source, "text_field": text_field, "shard_size": shard_size, "limit_docs": limit_docs,
-                    "prefix": prefix}
-        return _write_shards(docs, out, open_manifest(out, settings), shard_size, workers, limit_docs,
-                             stop_after, progress, prefix, tqdm)
+    created = not out.exists()
+    settings = {"source": source, "text_field": text_field, "shard_size": shard_size, "limit_docs": limit_docs,
+                "prefix": prefix}
+    try:
+        with lock_directory(out, "gpt2lib.fineweb"):
+            return _write_shards(docs, out, open_manifest(out, settings), shard_size, workers, limit_docs,
+                                 stop_after, progress, prefix, tqdm)
+    except BaseException:
+        if created and not any(out.glob("*.npy")):  # it stopped before its first shard: leave no trace
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _write_shards(docs, out, manifest, shard_size, workers, limit_docs, stop_after, progress, prefix, tqdm):

@@ -69,6 +69,9 @@ class RunDir:
         for name in (LOG, SAMPLES, SUMMARY):  # temporary files of a process killed mid-write; we hold the lock
             for stale in self.path.glob(f".{name}.*.tmp"):
                 stale.unlink()
+        for name in (LOG, SAMPLES, SUMMARY):
+            if (self.path / name).exists() and not (self.path / name).is_file():
+                raise ValueError(f"{self.path / name} is not a file; the run's {name} must be one")
 
     def refuse_earlier_run(self, what_to_do: str) -> None:
         "Refuse to go on if the directory holds another run's log, samples or summary (they would be lost)."
@@ -88,6 +91,12 @@ class RunDir:
             if path.exists():
                 kept = [entry for entry in read_log(path) if entry["step"] < step]
                 atomic_write(path, "".join(json.dumps(entry) + "\n" for entry in kept))
+        logged = {entry["step"] for entry in read_log(self.log_path) if "loss" in entry} if self.log_path.exists() else set()
+        missing = sorted(set(range(step)) - logged)
+        if missing:  # the log was edited, or a checkpoint came from elsewhere: say so, the run goes on
+            print(f"warning: {self.log_path} has no entry for {len(missing)} of the {step} steps before the "
+                  f"checkpoint (steps {missing[0]} to {missing[-1]}); the log of this run will have that gap",
+                  file=sys.stderr)
 
     def log(self, entry: dict) -> None:
         "Append one entry (`step` and what was measured) to log.jsonl."

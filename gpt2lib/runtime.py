@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -182,11 +183,19 @@ def run_command(main):
     Ctrl-C with 130, and an int that `main` returns is the exit status."""
     @functools.wraps(main)
     def command(argv=None):
+        try:  # Ctrl-C is a KeyboardInterrupt again (gpt2lib/__init__.py quiets it while the imports run)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        except ValueError:  # not the main thread
+            pass
         try:
             status = main(argv)
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
+        except MemoryError:
+            if os.environ.get("GPT2LIB_TRACEBACK"):
+                raise
+            sys.exit("error: out of memory: ask for less (fewer samples, a smaller batch or model)")
         except USER_ERRORS as err:
             if os.environ.get("GPT2LIB_TRACEBACK"):
                 raise

@@ -39,10 +39,11 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=None, help="makes the samples reproducible")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best one here)")
     args = ap.parse_args(argv)
-    for name, ok, allowed in [("num-samples", args.num_samples >= 1, "at least 1"),
-                              ("max-new-tokens", args.max_new_tokens >= 0, "0 or more"),
+    for name, ok, allowed in [("num-samples", 1 <= args.num_samples <= 10_000, "1 to 10,000"),
+                              ("max-new-tokens", 0 <= args.max_new_tokens <= 100_000, "0 to 100,000"),
                               ("temperature", math.isfinite(args.temperature) and args.temperature > 0, "above 0"),
-                              ("top-k", args.top_k >= 1, "at least 1")]:
+                              ("top-k", args.top_k >= 1, "at least 1"),
+                              ("seed", args.seed is None or 0 <= args.seed < 2**63, "0 to 2**63 - 1")]:
         if not ok:
             ap.error(f"--{name} must be {allowed}, got {getattr(args, name.replace('-', '_'))}")
     return args

@@ -4,12 +4,13 @@
 
 # %% auto #0
 __all__ = ['load_data', 'make_loaders', 'load_hellaswag', 'Evaluator', 'GracefulInterrupt', 'Diverged', 'run_steps',
-           'build_model', 'train', 'positive', 'parse_args', 'main']
+           'check_memory', 'build_model', 'train', 'positive', 'parse_args', 'main']
 
 # %% ../nbs/09_train.ipynb #c012
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -28,8 +29,7 @@ from .evaluate import (check_examples_fit, download_hellaswag, evaluate_hellaswa
 from .model import GPT
 from .optim import configure_optimizer, grad_accum_steps, lr_at, train_step
 from .rundir import RunDir
-from .runtime import (EXIT_INTERRUPTED, USER_ERRORS, autocast_for, command_name, one_line,
-                             resolve_device, run_command)
+from .runtime import USER_ERRORS, autocast_for, command_name, one_line, resolve_device, run_command
 from .sample import complete
 
 
@@ -121,27 +121,35 @@ class Evaluator:
 
 # %% ../nbs/09_train.ipynb #c028
 class GracefulInterrupt:
-    """The first Ctrl-C asks the loop to finish its step and save a checkpoint; a second one
-    aborts at once."""
+    """The first Ctrl-C (SIGINT), or a SIGTERM from a scheduler, asks the loop to finish its step
+    and save a checkpoint; a second one aborts at once. `signal` is the one received (None: none)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self):
-        import signal
+        import signal as signals
 
-        self.requested, self._signal = False, signal
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
+        self.signal, self._signals, self._previous = None, signals, {}
+        for name in self.SIGNALS:
+            try:
+                self._previous[name] = signals.signal(getattr(signals, name), self._handle)
+            except ValueError:  # not the main thread: leave the signals alone
+                pass
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort)", flush=True)
+        self.signal = signum
+        print(f"\n{self._signals.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(press Ctrl-C again to abort)", flush=True)
 
     def restore(self):
-        if self._previous is not None:
-            self._signal.signal(self._signal.SIGINT, self._previous)
+        for name, previous in self._previous.items():
+            self._signals.signal(getattr(self._signals, name), previous)
 
 
 class Diverged(RuntimeError):
@@ -151,7 +159,8 @@ class Diverged(RuntimeError):
 def run_steps(cfg: TrainConfig, env: dist.DistEnv, step_model, optimizer, loader, evaluator: Evaluator,
               checkpointer: Checkpointer, run: RunDir, start: int, stop_after: int | None = None,
               progress: bool = True) -> tuple[int, bool]:
-    "Steps `start`.. `max_steps` (fewer after Ctrl-C or `stop_after`); returns (steps done, interrupted)."
+    """Steps `start`.. `max_steps` (fewer after Ctrl-C or `stop_after`); returns (steps done, the
+    signal that stopped the loop or None)."""
     from tqdm.auto import tqdm
 
     accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size, env.world_size)
@@ -169,7 +178,7 @@ def run_steps(cfg: TrainConfig, env: dist.DistEnv, step_model, optimizer, loader
                         bar.write(f"step {step} > {text}")
                 if dist.any_rank(interrupt.requested, env.device):  # Ctrl-C while evaluating: save now
                     checkpointer.save(step)
-                    return step, True
+                    return step, interrupt.signal or signal.SIGINT  # SIGINT: seen by another rank
             t0 = time.perf_counter()
             batches = [tuple(t.to(env.device, non_blocking=True) for t in loader.next_batch()) for _ in range(accum)]
             lr = lr_at(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
@@ -187,18 +196,34 @@ def run_steps(cfg: TrainConfig, env: dist.DistEnv, step_model, optimizer, loader
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
                             tok_s=f"{cfg.total_batch_size / dt:,.0f}")
             done = step + 1
-            stopping = bool(stop_after and done - start >= stop_after) or dist.any_rank(interrupt.requested,
-                                                                                      env.device)
+            interrupted = dist.any_rank(interrupt.requested, env.device)  # every rank stops after the same step
+            stopping = interrupted or bool(stop_after and done - start >= stop_after)
             if done == cfg.max_steps or stopping or checkpointer.due(done):
                 checkpointer.save(done)
             if stopping:
-                return done, interrupt.requested
+                return done, (interrupt.signal or signal.SIGINT) if interrupted else None
     finally:
         bar.close()
         interrupt.restore()
-    return cfg.max_steps, False
+    return cfg.max_steps, None
 
 # %% ../nbs/09_train.ipynb #c031
+def check_memory(cfg: TrainConfig, device: str) -> None:
+    """Refuse a model whose weights, gradients and AdamW moments (16 bytes a parameter in fp32)
+    alone exceed the device's memory: an out-of-memory error minutes in says less."""
+    with torch.device("meta"):  # shapes only
+        n_params = GPT(cfg.model_config()).num_params()
+    need = 16 * n_params
+    if torch.device(device).type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    if need > have:
+        raise ValueError(f"a GPT with n_layer={cfg.n_layer}, n_embd={cfg.n_embd} and {cfg.model_config().padded_vocab_size:,} "
+                         f"embedding rows has {n_params:,} parameters: {need / 2**30:,.1f} GiB for the weights, "
+                         f"gradients and AdamW alone, more than {where} ({have / 2**30:,.1f} GiB); make it smaller")
+
+
 def build_model(cfg: TrainConfig, device: str):
     "The model, initialised from `cfg.seed` (the same weights on every rank), and its AdamW (chapter 5)."
     torch.manual_seed(cfg.seed)
@@ -214,18 +239,21 @@ def train(cfg: TrainConfig, out, device: str | None = None, resume: bool = False
     t_start = time.perf_counter()
     env = env or dist.DistEnv(device=resolve_device(device))
     cfg.validate(env.world_size)  # every setting, before anything is read or built
+    check_memory(cfg, env.device)
     loader, val_loader = make_loaders(cfg, env)  # then the data, before anything is written
     hellaswag = load_hellaswag(cfg)
     with RunDir(out, main=env.is_main) as run:
 
         def claim():  # rank 0: the run directory's lock; nothing of an earlier run is overwritten
             run.claim()
-            if not resume:
-                run.refuse_earlier_run("pass --resume to continue it, or choose another --out")
-                refuse_earlier_checkpoints(run.path)
-            elif not list_checkpoints(run.path):  # resuming from step 0 would erase that run's log
-                run.refuse_earlier_run("it has no checkpoint to resume from; choose another --out")
             remove_stale_temporary_files(run.path)
+            if list_checkpoints(run.path):
+                if not resume:
+                    run.refuse_earlier_run("pass --resume to continue it, or choose another --out")
+                    refuse_earlier_checkpoints(run.path)
+            else:  # nothing to resume from: starting here would erase an earlier run's log
+                run.refuse_earlier_run("it has no checkpoint to resume from; choose another --out (or delete "
+                                       "those files to start over here)")
 
         dist.on_main(claim)
         model, optimizer = build_model(cfg, env.device)
@@ -239,9 +267,11 @@ def train(cfg: TrainConfig, out, device: str | None = None, resume: bool = False
         step_model = DDP(eval_model, device_ids=[env.local_rank] if env.device.startswith("cuda") else None) \
             if env.distributed else eval_model
         evaluator = Evaluator(cfg, env, run, model, val_loader, hellaswag, eval_model)
-        done, interrupted = run_steps(cfg, env, step_model, optimizer, loader, evaluator, checkpointer, run,
-                                      start, stop_after, progress)
-        final = {"steps": done, "finished": done >= cfg.max_steps, **({"interrupted": True} if interrupted else {})}
+        done, stopped_by = run_steps(cfg, env, step_model, optimizer, loader, evaluator, checkpointer, run,
+                                     start, stop_after, progress)
+        final = {"steps": done, "finished": done >= cfg.max_steps and stopped_by is None}
+        if stopped_by is not None:
+            final["signal"] = int(stopped_by)
         if final["finished"]:
             final.update(evaluator.evaluate(cfg.max_steps))
             final["samples"] = evaluator.sample(cfg.max_steps)
@@ -281,10 +311,12 @@ def parse_args(argv=None):
 @run_command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg, out = config_from_args(args), args.out or f"runs/{args.preset}"
+    cfg, out = config_from_args(args), f"runs/{args.preset}" if args.out is None else args.out
     rank, env, t0 = dist.rank_from_env(), None, time.perf_counter()
     try:
-        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # on every rank, before the process group
+        if not out.strip():
+            raise ValueError("--out is empty: give the run's directory")
+        cfg.validate(dist.world_size_from_env())  # on every rank, before the process group
         env = dist.setup(resolve_device(args.device), args.dist_timeout)
         summary = train(cfg, out, resume=args.resume, compile=args.compile, stop_after=args.stop_after,
                         progress=not args.no_progress, env=env)
@@ -297,14 +329,14 @@ def main(argv=None) -> int:
         raise
     dist.teardown()
     if not env.is_main:
-        return EXIT_INTERRUPTED if summary.get("interrupted") else 0
+        return 128 + summary["signal"] if "signal" in summary else 0
     minutes = (time.perf_counter() - t0) / 60
     if summary.get("already_finished"):
         print(f"nothing to do: {out} holds a finished run of {summary['steps']} steps (summary.json)")
         return 0
     if not summary["finished"]:
         print(f"stopped after step {summary['steps']} ({minutes:.1f} min); continue with --resume --out {out}")
-        return EXIT_INTERRUPTED if summary.get("interrupted") else 0
+        return 128 + summary["signal"] if "signal" in summary else 0  # 130 after Ctrl-C, 143 after SIGTERM
     print(f"done: {summary['steps']} steps in {minutes:.1f} min; output in {out}/")
     if "val_loss" in summary:
         print(f"validation loss: {summary['val_loss']:.4f}")

@@ -24,7 +24,7 @@ BAD = [
     ("data", " ", "shipped text"), ("val_fraction", 1.0, "below 1"), ("val_fraction", -0.1, "at least 0"),
     ("val_fraction", math.nan, "below 1"), ("n_layer", 0, "at least 1"), ("n_embd", 33, "divisible by n_head"),
     ("n_embd", 0, "at least 1"), ("block_size", -1, "at least 1"), ("vocab_size", 70000, "65,536"),
-    ("vocab_size", 1000, "whole vocabulary"), ("pad_vocab_to", 0, "at least 1"), ("batch_size", 0, "at least 1"),
+    ("vocab_size", 1000, "whole vocabulary"), ("pad_vocab_to", 0, "1 to 1024"), ("batch_size", 0, "at least 1"),
     ("total_batch_size", 1000, "multiple of batch_size"), ("max_lr", 0.0, "above 0"), ("max_lr", math.nan, "finite"),
     ("max_lr", math.inf, "finite"), ("min_lr_ratio", 1.5, "between 0 and 1"), ("warmup_steps", -1, "0 or more"),
     ("warmup_steps", 7, "at most max_steps"), ("max_steps", 0, "at least 1"), ("weight_decay", -0.1, "0 or more"),

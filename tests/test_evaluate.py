@@ -156,8 +156,8 @@ def test_missing_file(tmp_path):
 
 @pytest.mark.parametrize("bad, message", [
     ("{not json", "line 3: "),
-    (json.dumps({**EXAMPLES[0], "endings": ["a", "b", "c"]}), "line 3: endings must be a list of 4 strings"),
-    (json.dumps({**EXAMPLES[0], "endings": ["a", "b", "c", 4]}), "line 3: endings must be a list of 4 strings"),
+    (json.dumps({**EXAMPLES[0], "endings": ["a", "b", "c"]}), "line 3: endings must be a list of 4 non-empty texts"),
+    (json.dumps({**EXAMPLES[0], "endings": ["a", "b", "c", 4]}), "line 3: endings must be a list of 4 non-empty texts"),
     (json.dumps({**EXAMPLES[0], "label": 4}), "line 3: label must be 0, 1, 2 or 3, got 4"),
     (json.dumps({**EXAMPLES[0], "label": -1}), "line 3: label must be"),
     (json.dumps({**EXAMPLES[0], "label": "1"}), "line 3: label must be"),

@@ -4,6 +4,7 @@ non-zero exit status and one line that names the problem, and leave everything o
 was. Most cases call a command's `main` in this process (the same code a console script runs,
 without a second's start-up each); the last ones run real processes."""
 import errno
+import gzip
 import hashlib
 import json
 import os
@@ -124,6 +125,44 @@ def world(tmp_path, finished_run, stopped_run):
     (tmp_path / "nonempty").mkdir()
     (tmp_path / "nonempty" / "keep.txt").write_text("mine")
     places["NONEMPTY"] = tmp_path / "nonempty"
+    hf = tmp_path / "hf"
+    export_hf.main([str(places["RUN"]), str(hf)])
+    for name, change in {"hf_truncated": lambda d: (d / "model.safetensors").write_bytes(
+                             (d / "model.safetensors").read_bytes()[:10000]),
+                         "hf_config_list": lambda d: (d / "config.json").write_text("[1, 2]"),
+                         "hf_config_not_json": lambda d: (d / "config.json").write_text("{n_layer: 2"),
+                         "hf_config_no_layers": lambda d: (d / "config.json").write_text(json.dumps(
+                             {k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "n_layer"})),
+                         "hf_config_text_width": lambda d: (d / "config.json").write_text(json.dumps(
+                             {**json.loads((d / "config.json").read_text()), "n_embd": "32"}))}.items():
+        shutil.copytree(hf, tmp_path / name)
+        change(tmp_path / name)
+        places[name.upper()] = tmp_path / name
+    not_a_state = tmp_path / "list_ckpt"  # a torch file that is not a checkpoint, the only one of a run
+    not_a_state.mkdir()
+    torch.save([1, 2, 3], not_a_state / "ckpt_0000004.pt")
+    (not_a_state / "log.jsonl").write_text('{"step": 0, "loss": 10.0}\n')
+    places["LIST_CKPT"] = not_a_state
+    no_loader = tmp_path / "no_loader"
+    shutil.copytree(stopped_run, no_loader)
+    state = torch.load(list_checkpoints(no_loader)[-1], weights_only=True)
+    del state["loader"]
+    torch.save(state, list_checkpoints(no_loader)[-1])
+    places["NO_LOADER"] = no_loader
+    dir_log = tmp_path / "dir_log"
+    shutil.copytree(stopped_run, dir_log)
+    (dir_log / "samples.jsonl").unlink(missing_ok=True)
+    (dir_log / "samples.jsonl").mkdir()
+    places["DIR_SAMPLES"] = dir_log
+    whole = gzip.compress("".join(json.dumps({"text": f"{i} {i * 7919 % 10007}"}) + "\n" for i in range(3000)).encode())
+    (tmp_path / "truncated.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # a download cut in the middle
+    places["TRUNCATED_GZ"] = tmp_path / "truncated.jsonl.gz"
+    (tmp_path / "plain.jsonl.gz").write_text('{"text": "not gzipped"}\n')
+    places["NOT_GZ"] = tmp_path / "plain.jsonl.gz"
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    places["LATIN1"] = tmp_path / "latin1.jsonl"
+    (tmp_path / "empty_endings.jsonl").write_text(json.dumps({"ctx": "A man", "endings": ["", "", "", ""], "label": 0}))
+    places["EMPTY_ENDINGS"] = tmp_path / "empty_endings.jsonl"
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": f"document {i} " * 20, "body": f"other {i}"}) + "\n" for i in range(40)))
     places["DOCS"] = docs
@@ -181,7 +220,7 @@ CASES = {
                                   ["eval_batches = 100000", "more than the validation data holds"]),
     # the run directory: an earlier run is never overwritten
     "earlier log": ("train", ["--preset", "smoke", "--out", "HAS_log.jsonl"], 1, ["already holds a run (log.jsonl)",
-                                                                                  "--resume"]),
+                                                                                  "no checkpoint to resume from"]),
     "earlier samples": ("train", ["--preset", "smoke", "--out", "HAS_samples.jsonl"], 1, ["samples.jsonl"]),
     "earlier summary": ("train", ["--preset", "smoke", "--out", "HAS_summary.json"], 1, ["summary.json"]),
     "earlier checkpoints": ("train", ["--preset", "smoke", "--out", "CKPTS_ONLY"], 1, ["already holds checkpoints"]),
@@ -206,7 +245,7 @@ CASES = {
     "sample, empty run directory": ("sample", ["--model", "EMPTY_DIR"], 1, ["holds neither an HF-format model"]),
     "sample, prompt too long": ("sample", ["--model", "RUN", "--prompt", "word " * 40, "--device", "cpu"], 1,
                                 ["41 tokens long", "block_size=32"]),
-    "sample, 0 samples": ("sample", ["--model", "RUN", "--num-samples", "0"], 2, ["--num-samples must be at least 1"]),
+    "sample, 0 samples": ("sample", ["--model", "RUN", "--num-samples", "0"], 2, ["--num-samples must be 1 to 10,000"]),
     "sample, temperature 0": ("sample", ["--model", "RUN", "--temperature", "0"], 2, ["--temperature must be above 0"]),
     "sample, unknown device": ("sample", ["--model", "RUN", "--device", "tpu"], 1, ["'tpu' is not a device"]),
     "evaluate, missing model": ("evaluate", ["--model", "TMP/nowhere", "--val", "SHARDS"], 1, ["nowhere"]),
@@ -225,6 +264,42 @@ CASES = {
                                                        "--text-field", "body", "--workers", "1"], 1,
                                            ["text_field='text' (now 'body')"]),
     "fineweb, verify a non-shard dir": ("fineweb", ["--out", "EMPTY_DIR", "--verify"], 1, ["manifest.json"]),
+    "sample, damaged safetensors": ("sample", ["--model", "HF_TRUNCATED", "--device", "cpu"], 1,
+                                    ["model.safetensors: cannot be read", "damaged or incomplete"]),
+    "evaluate, damaged safetensors": ("evaluate", ["--model", "HF_TRUNCATED", "--hellaswag", HANDMADE], 1,
+                                      ["model.safetensors: cannot be read"]),
+    "export, damaged safetensors": ("export_hf", ["HF_TRUNCATED", "OUT"], 1, ["model.safetensors: cannot be read"]),
+    "sample, config a list": ("sample", ["--model", "HF_CONFIG_LIST"], 1, ["config.json: expected a JSON object"]),
+    "sample, config not JSON": ("sample", ["--model", "HF_CONFIG_NOT_JSON"], 1, ["config.json: not a JSON config"]),
+    "sample, config without n_layer": ("sample", ["--model", "HF_CONFIG_NO_LAYERS"], 1, ["config.json: n_layer=None"]),
+    "sample, config with text width": ("sample", ["--model", "HF_CONFIG_TEXT_WIDTH"], 1, ["n_embd='32'"]),
+    "sample, a log as the model": ("sample", ["--model", "RUN/log.jsonl"], 1, ["log.jsonl: cannot load as a checkpoint",
+                                                                             "not a checkpoint written by"]),
+    "sample, 10^11 samples": ("sample", ["--model", "RUN", "--num-samples", "100000000000"], 2, ["1 to 10,000"]),
+    "sample, endless tokens": ("sample", ["--model", "RUN", "--max-new-tokens", "10" + "0" * 30], 2, ["0 to 100,000"]),
+    "sample, seed too large": ("sample", ["--model", "RUN", "--seed", "9" * 25], 2, ["--seed must be 0 to 2**63"]),
+    "resume, only a torch list": ("train", ["--preset", "smoke", "--out", "LIST_CKPT", "--resume"], 1,
+                                  ["none of the 1 checkpoints"]),
+    "resume, checkpoint without loader": ("train", ["--preset", "smoke", "--out", "NO_LOADER", "--resume"], 1,
+                                          ["none of the 1 checkpoints"]),
+    "resume, samples is a directory": ("train", ["--preset", "smoke", "--out", "DIR_SAMPLES", "--resume"], 1,
+                                       ["samples.jsonl is not a file"]),
+    "empty --out": ("train", ["--preset", "smoke", "--out", ""], 1, ["--out is empty"]),
+    "padding beyond reason": ("train", ["--preset", "smoke", "--out", "OUT", "--pad-vocab-to", "1000000000000"], 1,
+                              ["pad_vocab_to = 1000000000000", "1 to 1024"]),
+    "model larger than memory": ("train", ["--preset", "smoke", "--out", "OUT", "--n-embd", "2000000", "--n-head", "1"], 1,
+                                 ["parameters", "more than this machine's memory"]),
+    "evaluate, empty endings": ("evaluate", ["--model", "RUN", "--hellaswag", "EMPTY_ENDINGS"], 1,
+                                ["line 1: endings must be a list of 4 non-empty texts"]),
+    "export under a file": ("export_hf", ["RUN", "FILE/sub"], 1, ["a_file is a file, not a directory"]),
+    "fineweb, truncated gzip": ("fineweb", ["--out", "OUT", "--local", "TRUNCATED_GZ", "--workers", "1"], 1,
+                                ["truncated.jsonl.gz: the gzip file is damaged or incomplete"]),
+    "fineweb, not gzip": ("fineweb", ["--out", "OUT", "--local", "NOT_GZ", "--workers", "1"], 1,
+                          ["plain.jsonl.gz: the gzip file is damaged"]),
+    "fineweb, not UTF-8": ("fineweb", ["--out", "OUT", "--local", "LATIN1", "--workers", "1"], 1,
+                           ["latin1.jsonl, line 2: not UTF-8 text"]),
+    "fineweb into a run directory": ("fineweb", ["--out", "RUN", "--local", "DOCS", "--workers", "1"], 1,
+                                     ["is not empty and holds no manifest.json"]),
     "bench, 0 steps": ("bench", ["--steps", "0", "--device", "cpu"], 2, ["--steps must be at least 1"]),
     "bench, unknown device": ("bench", ["--device", "tpu"], 2, ["'tpu' is not a device"]),
 }
@@ -236,7 +311,8 @@ if not torch.cuda.is_available():
 def test_bad_input_is_one_line_a_non_zero_exit_and_changes_nothing(case, world, capsys):
     command, args, expected_status, fragments = CASES[case]
     args = [str(world[a]) if a in world else a for a in args]
-    args = [a.replace("TMP/", f"{world['TMP']}/").replace("FILE/", f"{world['FILE']}/") for a in args]
+    args = [a.replace("TMP/", f"{world['TMP']}/").replace("FILE/", f"{world['FILE']}/")
+            .replace("RUN/", f"{world['RUN']}/") for a in args]
     if command == "train":
         args += ["--no-progress", *([] if "--device" in args else ["--device", "cpu"])]
     before = snapshot(world["TMP"])
@@ -404,3 +480,104 @@ def test_ctrl_c_stops_fineweb_workers_promptly_and_the_rerun_resumes(tmp_path):
     resumed = {p.name: p.read_bytes() for p in (tmp_path / "shards").glob("*.npy")}
     straight = {p.name: p.read_bytes() for p in (tmp_path / "fresh").glob("*.npy")}
     assert resumed == straight  # stopped three times and resumed: the same shards as one run
+
+
+def test_a_failed_fineweb_run_does_not_bind_the_corrected_rerun(tmp_path, world, capsys):
+    out = tmp_path / "fw"
+    status, message = run("fineweb", ["--out", out, "--local", world["DOCS"], "--text-field", "content",
+                                      "--workers", "1"], capsys)
+    assert status == 1 and "not an object with a 'content' field" in message
+    status, message = run("fineweb", ["--out", out, "--local", world["DOCS"], "--shard-size", "500", "--workers", "1",
+                                      "--no-progress"], capsys)
+    assert status == 0, message
+    assert {p.name: p.read_bytes() for p in out.glob("*.npy")} == \
+        {p.name: p.read_bytes() for p in world["SHARDS"].glob("*.npy")}
+
+
+@pytest.mark.parametrize("value, words", [("0", "WORLD_SIZE=0; it must be at least 1"),
+                                          ("abc", "WORLD_SIZE='abc'")])
+def test_a_broken_torchrun_environment_is_named(value, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", value)
+    status, message = run("train", ["--preset", "smoke", "--out", tmp_path / "run", "--device", "cpu"], capsys)
+    assert status == 1 and words in message and not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_on_the_last_step_still_stops_with_130_and_resume_finishes(tmp_path, finished_run, monkeypatch,
+                                                                         capsys):
+    real_step, calls = train_module.train_step, []
+
+    def interrupted_at_the_last_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == SMOKE.max_steps:
+            os.kill(os.getpid(), signal.SIGINT)  # as a user's Ctrl-C during the last step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", interrupted_at_the_last_step)
+    status, _ = run("train", ["--preset", "smoke", "--out", tmp_path, "--device", "cpu", "--no-progress"], capsys)
+    assert status == 130 and not (tmp_path / "summary.json").exists()  # no final evaluation after Ctrl-C
+    monkeypatch.undo()
+    train(SMOKE, tmp_path, device="cpu", resume=True, progress=False)
+    assert measured(tmp_path) == measured(finished_run)
+    assert json.loads((tmp_path / "summary.json").read_text())["finished"]
+
+
+def test_a_log_that_lacks_steps_before_the_checkpoint_is_reported_on_resume(tmp_path, stopped_run, finished_run,
+                                                                            capsys):
+    shutil.copytree(stopped_run, tmp_path / "run")
+    log = tmp_path / "run" / "log.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:2]))  # steps 1 and 2 lost
+    train(SMOKE, tmp_path / "run", device="cpu", resume=True, progress=False)
+    assert "has no entry for 2 of the 3 steps before the checkpoint (steps 1 to 2)" in capsys.readouterr().err
+
+
+def test_a_run_killed_while_writing_its_first_checkpoint(tmp_path, stopped_run, capsys):
+    "A log, no checkpoint, and the temporary file of the write that was killed: one consistent answer."
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(stopped_run / "log.jsonl", out)
+    (out / ".ckpt_0000003.pt.x1y2.tmp").write_bytes(b"half")
+    for resume in ([], ["--resume"]):
+        status, message = run("train", ["--preset", "smoke", "--out", out, "--device", "cpu", *resume], capsys)
+        assert status == 1 and "no checkpoint to resume from; choose another --out" in message
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "log.jsonl"]  # our temporary file is gone, the log kept
+
+
+def test_a_shard_added_between_stop_and_resume_is_named(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("x_val_0.npy", "x_train_1.npy", "x_train_2.npy"):
+        np.save(data / name, rng.integers(0, 50257, 3000, dtype=np.uint16))
+    args = ["--preset", "smoke", "--out", tmp_path / "run", "--data", data, "--device", "cpu", "--no-progress"]
+    assert run("train", [*args, "--stop-after", "3"], capsys)[0] == 0
+    np.save(data / "x_train_3.npy", rng.integers(0, 50257, 3000, dtype=np.uint16))
+    status, message = run("train", [*args, "--resume"], capsys)
+    assert status == 1 and "saved data position is in 2 shards, but the data now has 3" in message
+
+
+def test_ctrl_c_while_python_starts_is_quiet(tmp_path):
+    for delay in (0.2, 0.5):
+        proc = subprocess.Popen([sys.executable, "-m", "gpt2lib.train", "--preset", "smoke", "--out",
+                                 str(tmp_path / "run"), "--no-progress"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)  # torch is still being imported
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+
+
+def test_sigterm_saves_like_ctrl_c_and_exits_143(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2lib.train", "--no-progress", "--device", "cpu",
+                             "--preset", "smoke", "--max-steps", "100000", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "log.jsonl").exists() and len(read_log(out / "log.jsonl")) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler sends before it stops a job
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    steps = len([e for e in read_log(out / "log.jsonl") if "loss" in e])
+    assert f"stopped after step {steps}" in stdout and list_checkpoints(out)[-1].name == f"ckpt_{steps:07d}.pt"

@@ -1,11 +1,23 @@
+import hashlib
+import inspect
+import re
 from importlib.resources import files
 
 import pytest
 import tiktoken
+import tiktoken_ext.openai_public
 from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from gpt2lib.tokenizer import EOT_TOKEN, GPT2_SPLIT_PATTERN, RANKS_PATH, get_encoding, load_ranks
+
+
+def test_rank_file_is_the_one_tiktoken_publishes_for_gpt2():
+    """The vendored file's SHA-256 against the hash tiktoken checks when it downloads r50k_base,
+    GPT-2's ranks (tiktoken's "gpt2" encoding builds the same ranks from GPT-2's original files)."""
+    source = inspect.getsource(tiktoken_ext.openai_public.r50k_base)
+    published = re.search(r'expected_hash="([0-9a-f]{64})"', source).group(1)
+    assert hashlib.sha256(RANKS_PATH.read_bytes()).hexdigest() == published
 
 
 def test_known_ids():

@@ -53,7 +53,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(straight, tmp_path
     newest = list_checkpoints(tmp_path)[-1]
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a crash during a copy
     state, path = load_latest_checkpoint(tmp_path)
-    assert state["step"] == 3 and "cannot be loaded" in capsys.readouterr().out
+    assert state["step"] == 3 and "cannot be used" in capsys.readouterr().err
     train(SMOKE, tmp_path, device="cpu", resume=True, progress=False)  # redoes steps 3-5
     assert losses(tmp_path) == losses(out)
 
