@@ -568,7 +568,9 @@ def test_ctrl_c_while_python_starts_is_quiet(tmp_path):
         assert proc.returncode == 130 and "Traceback" not in stderr, stderr
 
 
-def test_sigterm_saves_like_ctrl_c_and_exits_143(tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_saves_and_exits_128_plus_its_number(signum, status, tmp_path):
+    "Ctrl-C, or the SIGTERM a scheduler sends before it stops a job."
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "gpt2lib.train", "--no-progress", "--device", "cpu",
                              "--preset", "smoke", "--max-steps", "100000", "--out", str(out)],
@@ -576,8 +578,9 @@ def test_sigterm_saves_like_ctrl_c_and_exits_143(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "log.jsonl").exists() and len(read_log(out / "log.jsonl")) >= 2):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)  # what a scheduler sends before it stops a job
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr
+    assert proc.returncode == status, stderr
     steps = len([e for e in read_log(out / "log.jsonl") if "loss" in e])
-    assert f"stopped after step {steps}" in stdout and list_checkpoints(out)[-1].name == f"ckpt_{steps:07d}.pt"
+    assert f"stopped after step {steps}" in stdout and "--resume" in stdout
+    assert list_checkpoints(out)[-1].name == f"ckpt_{steps:07d}.pt"
