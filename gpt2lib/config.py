@@ -55,6 +55,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     seed: int = 1337
+    # numerics: "auto" = bf16 autocast on CUDA, fp32 elsewhere (chapter 4); "bf16" or "fp32" to choose
+    precision: str = "auto"
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(block_size=self.block_size, vocab_size=self.vocab_size, n_layer=self.n_layer,
@@ -105,6 +107,7 @@ RULES = {  # field: (test, the allowed values in words)
     "num_samples": AT_LEAST_1, "sample_tokens": (lambda v: v >= 0, "0 or more"),
     "checkpoint_every": NEVER_OR_EVERY, "keep_checkpoints": AT_LEAST_1,
     "seed": (lambda v: 0 <= v < 2**63, "0 to 2**63 - 1"),
+    "precision": (lambda v: v in ("auto", "bf16", "fp32"), "auto (bf16 on CUDA, fp32 elsewhere), bf16 or fp32"),
 }
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -49,17 +50,6 @@ def test_padded_vocabulary_keeps_function_and_gradients():
     assert gp[1000:].abs().max() == 0  # the padding rows never learn
 
 
-def test_bf16_autocast_close_to_fp32():
-    torch.manual_seed(0)
-    model = build_model(TINY, seed=0)
-    x, y = torch.randint(0, TINY.vocab_size, (2, 4, 32))
-    _, fp32 = model(x, y)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, bf16 = model(x, y)
-    assert logits.dtype == torch.bfloat16
-    assert abs(bf16.item() - fp32.item()) / fp32.item() < 1e-2  # bf16 keeps ~3 significant digits
-
-
 def test_fused_adamw_equals_standard():
     """Fused and standard AdamW compute the same update with different vectorised code, which
     differs between CPUs, so they round differently: compare how far each moved the weights in
@@ -100,23 +90,100 @@ def test_ladder_on_cpu_has_every_rung(tokens):
     assert by_name["+ torch.compile"]["status"] == "skipped" and "--no-compile" in by_name["+ torch.compile"]["reason"]
     ran = [r for r in rows if r["status"] == "ran"]
     assert [r["rung"] for r in ran] == ["fp32", "+ flash attention", "+ vocab 50304", "+ fused AdamW"]
-    assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["mfu"] is None for r in ran)
-    # none of the rungs changes the math: same seed, same batch, same first loss
-    for r in ran:
-        assert r["first_loss"] == pytest.approx(ran[0]["first_loss"], abs=1e-5)
+    assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["mfu"] is None and len(r["losses"]) == 3
+               for r in ran)
+    assert "same_math" not in ran[0] and all(r["same_math"] for r in ran[1:])  # compared with the rung below
     assert ran[-1]["recipe"] == {"tf32": False, "bf16": False, "compile": False, "attn_impl": "sdpa",
                                  "pad_vocab_to": 64, "fused_adamw": True, "batch_size": None}
 
 
+def test_the_math_check_is_discriminating(tokens):
+    "The steps compared make progress far beyond the fp32 tolerance, so a rung that changes them shows."
+    rows = run_ladder(GPTConfig(n_layer=1, n_head=2, n_embd=32), B=2, T=32, steps=2, warmup=1, device="cpu",
+                      compile=False, tokens=tokens, progress=False)
+    losses = rows[0]["losses"]
+    assert min(abs(a - b) for a, b in zip(losses, losses[1:])) > 10 * rows[-2]["tolerance"]
+
+
+@pytest.mark.parametrize("bug", ["no update", "padding in the softmax", "two updates per step"])
+def test_a_rung_that_changes_the_math_is_caught(bug, tokens, monkeypatch):
+    "Bugs planted in one rung of the ladder: check_math must call that rung DIFFERENT."
+    import gpt2lib.bench as bench
+
+    real_optimizer, real_gpt = bench.configure_optimizer, bench.GPT
+
+    def broken_optimizer(model, lr, *args, fused=False, **kwargs):
+        opt = real_optimizer(model, lr, *args, fused=fused, **kwargs)
+        once = opt.step
+        opt.step = (lambda *a, **k: None) if bug == "no update" else (lambda *a, **k: (once(), once()))
+        return opt
+
+    class LeakyPadding(real_gpt):
+        def forward(self, idx, targets=None):
+            x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.size(1)))
+            for block in self.transformer.h:
+                x = block(x)
+            logits = self.lm_head(self.transformer.ln_f(x))
+            return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    if bug == "padding in the softmax":
+        monkeypatch.setattr(bench, "GPT", lambda config: (LeakyPadding if config.pad_vocab_to > 1 else real_gpt)(config))
+    else:
+        monkeypatch.setattr(bench, "configure_optimizer", lambda model, lr, *a, fused=False, **k: (
+            broken_optimizer(model, lr, *a, fused=fused, **k) if fused else real_optimizer(model, lr, *a, **k)))
+    rows = run_ladder(GPTConfig(n_layer=1, n_head=2, n_embd=32), B=2, T=32, steps=2, warmup=1, device="cpu",
+                      compile=False, tokens=tokens, progress=False)
+    verdicts = {r["rung"]: r.get("same_math") for r in rows if r["status"] == "ran"}
+    broken_rung = "+ vocab 50304" if bug == "padding in the softmax" else "+ fused AdamW"
+    assert verdicts[broken_rung] is False
+    assert all(v for name, v in verdicts.items() if name not in (broken_rung, "fp32", "+ fused AdamW")), verdicts
+
+
+def test_the_bf16_rung_on_a_cpu_stays_within_bf16s_tolerance(tokens):
+    "The bf16 path of the ladder (autocast in time_recipe) runs on a CPU too, against fp32."
+    from gpt2lib.bench import REL_TOLERANCE, Recipe, check_math, time_recipe
+
+    config, cpu = GPTConfig(n_layer=1, n_head=2, n_embd=32), torch.device("cpu")
+    rows = [{"status": "ran", "recipe": dataclasses.asdict(recipe),
+             **time_recipe(recipe, config, tokens, 2, 32, steps=3, warmup=1, device=cpu)}
+            for recipe in (Recipe(), Recipe(bf16=True))]
+    check_math(rows)
+    assert rows[1]["tolerance"] == pytest.approx(REL_TOLERANCE["bf16"] * rows[0]["losses"][0])
+    assert rows[1]["same_math"] and rows[1]["loss_diff"] > 0  # it did run in bf16: not bit-equal to fp32
+
+
 def test_ladder_with_compile_and_larger_batch(tokens):
-    "The compiled rungs run on CPU too (slow to compile, so a 1-layer model and 1 step each)."
+    "The compiled rungs run on CPU too (slow to compile, so a 1-layer model and 2 steps each)."
     rows = run_ladder(GPTConfig(n_layer=1, n_head=2, n_embd=32), B=2, T=16, steps=1, warmup=1, device="cpu",
                       compile=True, max_batch_size=4, tokens=tokens, progress=False)
     by_name = {r["rung"]: r for r in rows}
     assert by_name["+ torch.compile"]["status"] == "ran" and by_name["+ torch.compile"]["recipe"]["compile"]
-    assert by_name["+ larger micro-batch"]["batch_size"] == 4
-    first = [r["first_loss"] for r in rows if r["status"] == "ran" and r["rung"] != "+ larger micro-batch"]
-    assert max(first) - min(first) < 1e-4
+    assert by_name["+ torch.compile"]["same_math"]  # compiled kernels: the same losses within fp32 rounding
+    assert by_name["+ larger micro-batch"]["batch_size"] == 4 and "same_math" not in by_name["+ larger micro-batch"]
+    assert all(r["same_math"] for r in rows if "same_math" in r)
+
+
+def test_ladder_restores_the_tf32_flags_and_keeps_rows_after_a_failure(tokens, monkeypatch):
+    import gpt2lib.bench as bench
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    calls = []
+
+    def fails_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the third rung broke")
+        return real(*args, **kwargs)
+
+    real = bench.time_recipe
+    monkeypatch.setattr(bench, "time_recipe", fails_on_the_third)
+    try:
+        with pytest.raises(RuntimeError, match="third rung"):
+            run_ladder(GPTConfig(n_layer=1, n_head=2, n_embd=32), B=2, T=16, steps=1, warmup=1, device="cpu",
+                       compile=False, tokens=tokens, progress=False)
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def test_cli_writes_json(tmp_path):
@@ -126,7 +193,10 @@ def test_cli_writes_json(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
-    assert {"device", "torch", "commit", "date", "model", "flops_per_token", "rungs"} <= data.keys()
+    assert {"device", "torch", "commit", "dirty", "date", "model", "flops_per_token", "rungs"} <= data.keys()
+    # the command that measures it again, recorded with it (the book prints it), --no-compile included
+    assert data["command"] == (f"python -m gpt2lib.bench --model tiny --batch-size 2 --seq-len 16 --steps 1 "
+                               f"--warmup 1 --device cpu --no-compile --json {out}")
     assert data["model"] == "tiny" and data["device"].startswith("CPU") and data["peak_bf16_tflops"] is None
     assert [r["rung"] for r in data["rungs"]] == [r.name for r in LADDER]
     assert "| fp32 |" in result.stdout

@@ -112,10 +112,17 @@ def test_rendering_cuts_the_oldest_context_tokens_to_fit():
         render_example(EXAMPLES[2], max_len=5)
 
 
-def test_model_with_short_block_size_is_scored_on_the_last_tokens():
+def test_model_with_short_block_size_is_scored_on_the_last_tokens(monkeypatch):
+    "A model shorter than an example sees the example's newest tokens: the end of the context and the endings."
     short = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=32))
+    scored, real_score = [], evaluate.score_example
+    monkeypatch.setattr(evaluate, "score_example", lambda model, tokens, mask: scored.append((tokens, mask))
+                        or real_score(model, tokens, mask))
     result = evaluate_hellaswag(short, EXAMPLES[:2], "cpu", progress=False)
     assert result["n"] == 2
+    for (tokens, mask), example in zip(scored, EXAMPLES[:2]):
+        full, full_mask, _ = render_example(example)
+        assert full.size(1) > 16 and torch.equal(tokens, full[:, -16:]) and torch.equal(mask, full_mask[:, -16:])
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -58,12 +58,23 @@ def test_greedy_generation_equals_hf(tiny_hf):
     assert torch.equal(ours, theirs)
 
 
-def test_generation_crops_to_block_size(tiny_hf):
+def test_generation_past_block_size_reads_the_newest_tokens(tiny_hf):
+    "Past block_size the model must see the newest block_size tokens (the oldest ones are dropped)."
     _, path = tiny_hf
     model = GPT.from_pretrained(path)
-    block = model.config.block_size
-    out = model.generate(torch.zeros(1, block, dtype=torch.long), max_new_tokens=3)
-    assert out.shape == (1, block + 3)
+    block, vocab = model.config.block_size, model.config.vocab_size
+    prompt = torch.randint(0, vocab, (2, block), generator=torch.Generator().manual_seed(0))
+    out = model.generate(prompt, max_new_tokens=6, top_k=None, generator=torch.Generator().manual_seed(1))
+
+    def sampled(window):  # what generate should do, with the context cut by `window`
+        idx, generator = prompt, torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _ in range(6):
+                idx = torch.cat([idx, sample_next(model(window(idx))[0][:, -1], top_k=None, generator=generator)], 1)
+        return idx
+
+    assert torch.equal(out, sampled(lambda idx: idx[:, -block:]))
+    assert not torch.equal(out, sampled(lambda idx: idx[:, :block]))  # the test tells the two apart
 
 
 def test_sampling_is_reproducible_and_respects_top_k():

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from gpt2lib import checkpoint
-from gpt2lib.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from gpt2lib.checkpoint import list_checkpoints, load_latest_checkpoint, load_model, save_checkpoint
+from gpt2lib.data import DataLoader
+from gpt2lib.evaluate import validation_loss
 from gpt2lib.train import PRESETS, train
 from gpt2lib.rundir import read_log
 
@@ -158,7 +160,13 @@ def test_training_on_token_shards(tmp_path):
     np.save(data / "shard_train_002.npy", rng.integers(0, 50257, 5000, dtype=np.uint16))
     cfg = dataclasses.replace(SMOKE, data=str(data))
     summary = train(cfg, tmp_path / "run", device="cpu", progress=False)
-    assert summary["finished"] and summary["val_loss"] > 0
+    # the final validation loss is the validation shard's, computed with the final weights
+    model, _ = load_model(str(tmp_path / "run"))
+    loader = DataLoader([data / "shard_val_000.npy"], cfg.batch_size, cfg.block_size)
+    assert summary["finished"] and summary["val_loss"] == validation_loss(model, loader, cfg.eval_batches, "cpu")
+    # and training read the training shards: its first batch is the start of one of them
+    first = torch.load(list_checkpoints(tmp_path / "run")[0], weights_only=True)["loader"]
+    assert first["n_sources"] == 2
 
 
 def test_hellaswag_during_training_equals_chapter_8s_evaluation(tmp_path):

@@ -3,7 +3,14 @@
     python tools/check_book.py [_build/html]
 
 Jupyter Book can produce a page whose cells never ran or that shows an error output while
-the build still "succeeds"; this fails loudly instead.
+the build still "succeeds"; this fails loudly instead. It reads the HTML files and owns:
+a page of the table of contents that was not built, a notebook page without any cell
+output, an error output (a traceback), and an image file that is missing or empty.
+
+What only a browser sees is `tools/check_browser.py`'s: links to pages or anchors that do
+not exist, images that do not decode, Markdown tables rendered as text, script errors.
+CI runs both (`.ci/run`); tests/test_check_book.py and tests/test_check_browser.py run
+each on small broken books.
 """
 
 import re
@@ -31,8 +38,13 @@ def check_page(html_dir: Path, page: str) -> list[str]:
     if re.search(r"Traceback \(most recent call last\)|class=\"[^\"]*\btraceback\b", html):
         problems.append(f"{page}: shows an error output")
     for src in re.findall(r"<img[^>]+src=\"([^\"]+)\"", html):
-        if not src.startswith(("http:", "https:", "data:")) and not (path.parent / src).resolve().is_file():
+        if src.startswith(("http:", "https:", "data:")):
+            continue
+        image = (path.parent / src).resolve()
+        if not image.is_file():
             problems.append(f"{page}: missing image {src}")
+        elif image.stat().st_size == 0:
+            problems.append(f"{page}: empty image {src}")
     return problems
 
 
