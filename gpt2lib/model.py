@@ -128,12 +128,12 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab_size)
-        if logits.size(-1) != self.config.vocab_size:
-            logits = logits[..., : self.config.vocab_size]  # padding rows are never predicted
+        if logits.size(-1) != self.config.vocab_size:  # padding rows are never predicted: probability 0,
+            logits[..., self.config.vocab_size :] = float("-inf")  # written in place, not a copy of the logits
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # a view of the logits, no copy
+        return logits[..., : self.config.vocab_size], loss  # the padding is not part of the answer
 
     def num_params(self) -> int:
         "Parameters, with the tied embedding counted once."
