@@ -22,6 +22,7 @@ module imports only from layers below its own):
        evaluate   validation loss, HellaSwag, gpt2-evaluate                 (nbs/08_eval.ipynb)
        export_hf  gpt2-export-hf: HF-format export                          (nbs/10_beyond.ipynb)
     5  train      gpt2-train: the coordinator of a run                      (nbs/09_train.ipynb)
+    6  preflight  gpt2-preflight: every part of a run tried in minutes      (nbs/09_train.ipynb)
 
 `GPT.from_pretrained` (layer 1) hands over to `gpt2lib.hf` inside the method: the one
 import that points up, so that the model class keeps HF's familiar entry point.

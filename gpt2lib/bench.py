@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['PEAK_BF16_TFLOPS', 'LADDER', 'MODELS', 'REL_TOLERANCE', 'GPU_DEFAULTS', 'CPU_DEFAULTS', 'flops_per_token',
-           'peak_tflops', 'Recipe', 'Rung', 'build_model', 'sync', 'set_tf32', 'time_recipe', 'release_memory',
-           'skip_reason', 'run_ladder', 'precision', 'check_math', 'device_peak_tflops', 'format_table', 'parse_args',
-           'command_line', 'bench', 'main']
+           'peak_tflops', 'Recipe', 'Rung', 'build_model', 'sync', 'time_recipe', 'release_memory', 'skip_reason',
+           'run_ladder', 'precision', 'check_math', 'device_peak_tflops', 'format_table', 'parse_args', 'command_line',
+           'bench', 'main']
 
 # %% ../nbs/04_speed.ipynb #c004
 import argparse
@@ -24,7 +24,7 @@ from .data import DataLoader, read_asset_text, tokenize
 from .model import GPT, GPTConfig
 from .optim import configure_optimizer, train_step
 from .runtime import (atomic_write, autocast_for, command_name, device_name, provenance, resolve_device,
-                             run_command)
+                             run_command, set_tf32)
 
 
 def flops_per_token(config: GPTConfig, T: int) -> int:
@@ -114,11 +114,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def set_tf32(on: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = on
-    torch.backends.cudnn.allow_tf32 = on
-
-
 def time_recipe(recipe: Recipe, config: GPTConfig, tokens, B: int, T: int, steps: int, warmup: int,
                 device: torch.device) -> dict:
     """Time `steps` training steps of `recipe` after `warmup` untimed ones; returns one row of the
@@ -168,13 +163,19 @@ def skip_reason(rung: Rung, device: torch.device, compile: bool, max_batch_size:
 
 
 def run_ladder(config: GPTConfig, B: int, T: int, steps: int = 20, warmup: int = 5, device="cpu",
-               compile: bool = True, max_batch_size: int | None = None, tokens=None, progress=True) -> list[dict]:
+               compile: bool = True, max_batch_size: int | None = None, tokens=None, progress=True,
+               rows: list | None = None) -> list[dict]:
     """Time every rung of `LADDER`; returns one dict per rung (skipped rungs included), each
-    compared with the rung below by `check_math`. The TF32 flags are put back as they were."""
+    compared with the rung below by `check_math`. The TF32 flags are put back as they were.
+    `rows`: a list filled as the rungs are measured, which keeps them if a later rung fails."""
     device = torch.device(device)
     tokens = tokenize(read_asset_text("tinyshakespeare.txt")) if tokens is None else tokens
+    largest = max(B, max_batch_size or 0)
+    if largest * T + 1 > len(tokens):
+        raise ValueError(f"a micro-batch of {largest} x {T} tokens needs {largest * T + 1:,} tokens, but the "
+                         f"benchmark's text has {len(tokens):,}; use a smaller --batch-size or --max-batch-size")
     fpt, peak = flops_per_token(config, T), device_peak_tflops(device)
-    recipe, rows = Recipe(), []
+    recipe, rows = Recipe(), ([] if rows is None else rows)
     tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         for rung in LADDER:
@@ -305,31 +306,38 @@ def command_line(args) -> str:
     return " ".join(words)
 
 
-def bench(args, progress: bool = True) -> dict:
-    "Run the ladder as `args` say; the result with its provenance, ready to print or save."
+def bench(args, progress: bool = True, result: dict | None = None) -> dict:
+    """Run the ladder as `args` say; the result with its provenance, ready to print or save. It is
+    built in `result` if one is given, so that a caller keeps what was measured if a rung fails."""
     config = MODELS[args.model]
-    result = {**provenance(args.device), "model": args.model, "config": dataclasses.asdict(config),
+    result = {} if result is None else result
+    result.update({**provenance(args.device), "model": args.model, "config": dataclasses.asdict(config),
               "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
               "flops_per_token": flops_per_token(config, args.seq_len),
-              "peak_bf16_tflops": device_peak_tflops(torch.device(args.device)), "command": command_line(args)}
-    result["rungs"] = run_ladder(config, args.batch_size, args.seq_len, args.steps, args.warmup, args.device,
-                                 compile=not args.no_compile, max_batch_size=args.max_batch_size, progress=progress)
+              "peak_bf16_tflops": device_peak_tflops(torch.device(args.device)), "command": command_line(args)})
+    result["rungs"] = []  # filled rung by rung: what was measured is kept if a rung fails
+    run_ladder(config, args.batch_size, args.seq_len, args.steps, args.warmup, args.device,
+               compile=not args.no_compile, max_batch_size=args.max_batch_size, progress=progress,
+               rows=result["rungs"])
     return result
 
 
 @run_command
 def main(argv=None) -> None:
     args = parse_args(argv)
-    result = bench(args)
+    result = {}
+    try:
+        bench(args, result=result)
+    finally:  # also after a failure: the rungs measured so far, written and printed
+        if args.json and result.get("rungs"):
+            path = Path(args.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps(result, indent=2) + "\n")
+            print(f"written to {path}")
     commit = (result["commit"] or "unknown") + (" (with uncommitted changes)" if result["dirty"] else "")
     print(f"{result['device']} | torch {result['torch']} | {args.model}, B={args.batch_size}, T={args.seq_len}, "
           f"{args.steps} timed steps after {args.warmup} | commit {commit}")
     print(format_table(result))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(result, indent=2) + "\n")
-        print(f"written to {path}")
     changed = [r["rung"] for r in result["rungs"] if r.get("same_math") is False]
     if changed:
         raise RuntimeError(f"{', '.join(changed)} changed the losses by more than rounding allows (see the last "

@@ -183,7 +183,7 @@ class Checkpointer:
         self._state = state  # rank 0 has read it already
         return path, state["step"]
 
-    def restore(self) -> int:
+    def restore(self, announce: bool = True) -> int:
         "Resume from the newest loadable checkpoint; the step to continue from (0 if there is none)."
         chosen = dist.on_main(self._choose)
         if chosen is None:
@@ -196,7 +196,7 @@ class Checkpointer:
         load_optimizer_state(self.optimizer, state["optimizer"])
         self.loader.load_state_dict(state["loader"])  # a position in the whole run's tokens: any world size
         set_rng_state(state["rng"], self.env.device)
-        if self.env.is_main:
+        if self.env.is_main and announce:
             saved_by = state.get("world_size", 1)
             note = (f" (saved by {saved_by} process{'es' if saved_by > 1 else ''}, continuing on "
                     f"{self.env.world_size})" if saved_by != self.env.world_size else "")

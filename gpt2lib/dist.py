@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DEFAULT_TIMEOUT', 'RANK_0_FIRST', 'DistEnv', 'launched_by_torchrun', 'rank_from_env', 'world_size_from_env', 'setup',
-           'teardown', 'all_reduce_sum', 'all_reduce_mean', 'any_rank', 'broadcast_object', 'defer_to_rank_0',
-           'on_main', 'is_collective_failure', 'describe_collective_failure']
+           'teardown', 'all_reduce_sum', 'all_reduce_mean', 'any_rank', 'gather_objects', 'broadcast_object',
+           'defer_to_rank_0', 'on_main', 'is_collective_failure', 'describe_collective_failure']
 
 # %% ../nbs/06_ddp.ipynb #c006
 import datetime
@@ -125,6 +125,15 @@ def any_rank(flag: bool, device="cpu") -> bool:
     t = torch.tensor(float(flag), device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def gather_objects(obj) -> list:
+    "Every rank's `obj` (any picklable value), in rank order, on every rank; `[obj]` in a single process."
+    if not dist.is_initialized():
+        return [obj]
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box
 
 
 def broadcast_object(obj, src: int = 0):

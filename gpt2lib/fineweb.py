@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from itertools import islice
@@ -256,9 +257,20 @@ def tokenized(docs: Iterable[str], workers: int, chunksize: int = 16):
     pool = Pool(workers, initializer=_ignore_ctrl_c)
     try:
         yield pool.imap(tokenize_doc, docs, chunksize=chunksize)
-    finally:  # also after an error or Ctrl-C: stop the workers rather than wait for their queue
-        pool.terminate()
-        pool.join()
+    except BaseException:
+        # Stopped by Ctrl-C or an error: stop the workers. Pool.terminate() first takes the task queue's
+        # lock, which an idle worker holds while it waits for a task that a stalled reader of the
+        # documents (a slow download) may never send; so give it a few seconds, then kill the workers
+        # (terminate() has stopped the pool from starting new ones by then). Nothing in them is needed.
+        stopper = threading.Thread(target=pool.terminate, daemon=True)
+        stopper.start()
+        stopper.join(timeout=5)
+        if stopper.is_alive():
+            for worker in pool._pool:
+                worker.kill()
+        raise
+    pool.terminate()  # done: the reader has finished or keeps the workers busy, so this returns
+    pool.join()
 
 
 def write_shards(docs: Iterable[str], out, shard_size: int = SHARD_SIZE, workers: int | None = None,

@@ -211,3 +211,32 @@ def test_cli_writes_json(tmp_path):
 def test_cli_bad_input(args, message):
     result = subprocess.run([sys.executable, "-m", "gpt2lib.bench", *args], capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_failing_rung_keeps_the_measured_ones_in_the_json(tmp_path, monkeypatch, capsys):
+    import gpt2lib.bench as bench
+
+    real, calls = bench.time_recipe, []
+
+    def fails_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_recipe", fails_on_the_second)
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--device", "cpu", "--no-compile", "--steps", "1", "--warmup", "1", "--batch-size", "2",
+                    "--seq-len", "16", "--json", str(out)])
+    assert "illegal memory access" in str(exit.value.code)
+    rows = json.loads(out.read_text())["rungs"]
+    assert [r["rung"] for r in rows if r["status"] == "ran"] == ["fp32"]  # measured before the failure, kept
+
+
+def test_a_max_batch_size_larger_than_the_text_fails_before_any_rung(capsys):
+    import gpt2lib.bench as bench
+
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--device", "cpu", "--no-compile", "--seq-len", "64", "--max-batch-size", "100000"])
+    assert "needs 6,400,001 tokens, but the benchmark's text has" in str(exit.value.code)

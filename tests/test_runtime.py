@@ -53,7 +53,7 @@ def test_lock_refuses_a_second_holder_names_the_first_and_is_released(tmp_path):
     with lock_directory(tmp_path / "run", "training run"):
         script = f"from gpt2lib.runtime import lock_directory\nwith lock_directory({str(tmp_path / 'run')!r}): pass"
         other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-        assert other.returncode == 1 and "DirectoryLocked" in other.stderr and "is in use by another run (pid" in other.stderr
+        assert other.returncode == 1 and "DirectoryLocked" in other.stderr and "is in use by another training run (pid" in other.stderr
         with pytest.raises(DirectoryLocked, match="in use by another training run"):
             with lock_directory(tmp_path / "run", "training run"):
                 pass
@@ -117,7 +117,7 @@ def test_provenance_records_the_commit_and_whether_the_tree_was_dirty():
 # The package's layers (see gpt2lib/__init__.py): a module imports only from lower layers.
 LAYERS = {"runtime": 0, "book": 1, "tokenizer": 1, "hub": 1, "model": 1, "optim": 1, "dist": 1, "hf": 2, "data": 2,
           "checkpoint": 3, "config": 3, "rundir": 3, "bench": 3, "fineweb": 3, "sample": 4, "evaluate": 4,
-          "export_hf": 4, "train": 5}
+          "export_hf": 4, "train": 5, "preflight": 6}
 UPWARD_ALLOWED = {("model", "hf")}  # GPT.from_pretrained hands over to gpt2lib.hf, inside the method
 
 
@@ -167,7 +167,7 @@ def test_one_home_for_shared_helpers():
     assert "torch.cuda.is_available() else" not in source  # the default device is runtime's
 
 
-SCRIPTS = ["gpt2-train", "gpt2-sample", "gpt2-evaluate", "gpt2-export-hf", "gpt2-fineweb", "gpt2-bench"]
+SCRIPTS = ["gpt2-train", "gpt2-preflight", "gpt2-sample", "gpt2-evaluate", "gpt2-export-hf", "gpt2-fineweb", "gpt2-bench"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -75,7 +75,7 @@ MUTANTS = [
            "scores = q @ k.transpose(-2, -1)", ("test_bench", "test_model"), "the written-out attention forgets 1/sqrt(d)"),
     Mutant("attention-sees-the-future", "model", "is_causal=True", "is_causal=False", ("test_model",),
            "flash attention is not causal"),
-    Mutant("padding-rows-predicted", "model", 'logits[..., self.config.vocab_size :] = float("-inf")',
+    Mutant("padding-rows-predicted", "model", "logits = MaskPadding.apply(logits, self.config.vocab_size)",
            "pass", ("test_bench",), "the padded vocabulary's extra rows take part in the softmax"),
     Mutant("hf-load-without-transpose", "hf",
            "        if key.endswith(CONV1D_WEIGHTS):\n            tensor = tensor.t()\n        converted[name] = tensor",
