@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist
 from .bench import device_peak_tflops, flops_per_token
@@ -28,11 +27,11 @@ from .checkpoint import Checkpointer, list_checkpoints
 from .config import TrainConfig, config_from_args
 from .data import load_tokens
 from .evaluate import evaluate_hellaswag, validation_loss
-from .optim import grad_accum_steps, lr_at, train_step
 from .runtime import (USER_ERRORS, DirectoryLocked, atomic_write, autocast_for, command_name, device_name,
                              lock_directory, one_line, provenance, resolve_device, run_command, set_tf32)
 from .sample import complete
-from .train import AUTOCAST_DTYPES, build_model, load_hellaswag, make_loaders, run_arguments
+from .train import (AUTOCAST_DTYPES, build_model, load_hellaswag, make_loaders, run_arguments, take_step,
+                           wrap_model)
 
 
 @dataclass
@@ -119,23 +118,16 @@ def release(env: dist.DistEnv) -> None:
 def build_parts(cfg: TrainConfig, env: dist.DistEnv, compile: bool) -> dict:
     "The model, optimizer and wrappers, built as `gpt2lib.train` builds them."
     model, optimizer = build_model(cfg, env.device)
-    eval_model = torch.compile(model) if compile else model
-    step_model = DDP(eval_model, device_ids=[env.local_rank] if env.device.startswith("cuda") else None) \
-        if env.distributed else eval_model
+    eval_model, step_model = wrap_model(model, compile, env)
     return {"model": model, "optimizer": optimizer, "eval_model": eval_model, "step_model": step_model,
             "autocast": autocast_for(env.device, AUTOCAST_DTYPES[cfg.precision]), "done": 0}
 
 
 def one_step(cfg: TrainConfig, env: dist.DistEnv, parts: dict, loader) -> float:
-    "One optimizer step of the run (all its micro-steps); the step's loss, averaged over the ranks."
-    accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size, env.world_size)
-    batches = [tuple(t.to(env.device) for t in loader.next_batch()) for _ in range(accum)]
-    lr = lr_at(parts["done"], cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    extra = {"no_sync": parts["step_model"].no_sync} if env.distributed else {}
-    loss, _ = train_step(parts["step_model"], parts["optimizer"], batches, lr, cfg.grad_clip,
-                         autocast=parts["autocast"], **extra)
+    "The run's next optimizer step (`gpt2lib.train.take_step`); its loss."
+    loss, _, _ = take_step(cfg, env, parts["step_model"], parts["optimizer"], loader, parts["done"], parts["autocast"])
     parts["done"] += 1
-    return dist.all_reduce_mean(loss).item()  # waits for the device
+    return loss
 
 
 def timed_steps(cfg: TrainConfig, env: dist.DistEnv, compile: bool, loader, n: int) -> dict:

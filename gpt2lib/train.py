@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['AUTOCAST_DTYPES', 'GPT2_124M_COMMANDS', 'load_data', 'make_loaders', 'load_hellaswag', 'Evaluator',
-           'GracefulInterrupt', 'Diverged', 'run_steps', 'check_memory', 'build_model', 'train', 'positive',
-           'run_arguments', 'parse_args', 'main']
+           'GracefulInterrupt', 'Diverged', 'take_step', 'run_steps', 'wrap_model', 'check_memory', 'build_model',
+           'train', 'positive', 'run_arguments', 'parse_args', 'main']
 
 # %% ../nbs/09_train.ipynb #c012
 import argparse
@@ -161,6 +161,17 @@ class Diverged(RuntimeError):
     "The loss or the gradient norm stopped being a finite number."
 
 # %% ../nbs/09_train.ipynb #c029
+def take_step(cfg: TrainConfig, env: dist.DistEnv, step_model, optimizer, loader, step: int, autocast):
+    """Optimizer step `step` of the run: its micro-batches (gradient accumulation), its learning rate
+    and chapter 5's `train_step`. Returns (the loss averaged over the ranks, the gradient norm, lr)."""
+    accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size, env.world_size)
+    batches = [tuple(t.to(env.device, non_blocking=True) for t in loader.next_batch()) for _ in range(accum)]
+    lr = lr_at(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    no_sync = step_model.no_sync if env.distributed else nullcontext
+    loss, norm = train_step(step_model, optimizer, batches, lr, cfg.grad_clip, autocast=autocast, no_sync=no_sync)
+    return dist.all_reduce_mean(loss).item(), norm.item(), lr  # .item() waits for the device; norm: every rank's
+
+
 def run_steps(cfg: TrainConfig, env: dist.DistEnv, step_model, optimizer, loader, evaluator: Evaluator,
               checkpointer: Checkpointer, run: RunDir, start: int, stop_after: int | None = None,
               progress: bool = True) -> tuple[int, bool]:
@@ -168,8 +179,6 @@ def run_steps(cfg: TrainConfig, env: dist.DistEnv, step_model, optimizer, loader
     signal that stopped the loop or None)."""
     from tqdm.auto import tqdm
 
-    accum = grad_accum_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size, env.world_size)
-    no_sync = step_model.no_sync if env.distributed else nullcontext
     interrupt, val_loss = GracefulInterrupt(), None
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (progress and env.is_main), desc="train",
                unit="step", dynamic_ncols=True)
@@ -185,12 +194,8 @@ def run_steps(cfg: TrainConfig, env: dist.DistEnv, step_model, optimizer, loader
                     checkpointer.save(step)
                     return step, interrupt.signal or signal.SIGINT  # SIGINT: seen by another rank
             t0 = time.perf_counter()
-            batches = [tuple(t.to(env.device, non_blocking=True) for t in loader.next_batch()) for _ in range(accum)]
-            lr = lr_at(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-            loss, norm = train_step(step_model, optimizer, batches, lr, cfg.grad_clip,
-                                    autocast=evaluator.autocast, no_sync=no_sync)
-            loss = dist.all_reduce_mean(loss).item()  # the step's loss; waits for the device, so dt is real
-            norm, dt = norm.item(), time.perf_counter() - t0  # norm: the same on every rank
+            loss, norm, lr = take_step(cfg, env, step_model, optimizer, loader, step, evaluator.autocast)
+            dt = time.perf_counter() - t0  # take_step waited for the device: the real step time
             run.log({"step": step, "loss": loss, "lr": lr, "norm": norm, "dt": dt,
                      "tokens_per_s": cfg.total_batch_size / dt})
             if not (math.isfinite(loss) and math.isfinite(norm)):  # the step has damaged the weights
@@ -213,6 +218,14 @@ def run_steps(cfg: TrainConfig, env: dist.DistEnv, step_model, optimizer, loader
     return cfg.max_steps, None
 
 # %% ../nbs/09_train.ipynb #c031
+def wrap_model(model, compile: bool, env: dist.DistEnv):
+    "(the model evaluation runs: compiled if asked; the model steps run: that one, in DDP under torchrun)."
+    eval_model = torch.compile(model) if compile else model
+    step_model = DDP(eval_model, device_ids=[env.local_rank] if env.device.startswith("cuda") else None) \
+        if env.distributed else eval_model
+    return eval_model, step_model
+
+
 def check_memory(cfg: TrainConfig, device: str) -> None:
     """Refuse a model whose weights, gradients and AdamW moments (16 bytes a parameter in fp32)
     alone exceed the device's memory: an out-of-memory error minutes in says less."""
@@ -272,9 +285,7 @@ def train(cfg: TrainConfig, out, device: str | None = None, resume: bool = False
         if start >= cfg.max_steps and dist.on_main(run.has_summary):  # finished: nothing to do, nothing to change
             return {"steps": start, "finished": True, "already_finished": True}
         dist.on_main(lambda: run.rewind(start))  # the steps after the checkpoint are done again
-        eval_model = torch.compile(model) if compile else model
-        step_model = DDP(eval_model, device_ids=[env.local_rank] if env.device.startswith("cuda") else None) \
-            if env.distributed else eval_model
+        eval_model, step_model = wrap_model(model, compile, env)
         evaluator = Evaluator(cfg, env, run, model, val_loader, hellaswag, eval_model)
         done, stopped_by = run_steps(cfg, env, step_model, optimizer, loader, evaluator, checkpointer, run,
                                      start, stop_after, progress)

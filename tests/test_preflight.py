@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gpt2lib.checkpoint as checkpoint_module
-import gpt2lib.preflight as preflight_module
+import gpt2lib.train as train_module
 from gpt2lib.preflight import preflight
 from gpt2lib.runtime import lock_directory
 from gpt2lib.train import PRESETS, train
@@ -79,14 +79,14 @@ def test_too_few_tokens(tmp_path):
 
 
 def test_out_of_memory_names_the_micro_batch_that_fits(tmp_path, monkeypatch):
-    real_step = preflight_module.train_step
+    real_step = train_module.train_step
 
     def small_memory(model, optimizer, batches, *args, **kwargs):
         if batches[0][0].size(0) > 2:  # as if a micro-batch of more than 2 sequences did not fit
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_step(model, optimizer, batches, *args, **kwargs)
 
-    monkeypatch.setattr(preflight_module, "train_step", small_memory)
+    monkeypatch.setattr(train_module, "train_step", small_memory)
     check = failed(quiet(SMOKE, tmp_path / "run"), "step")
     assert check["detail"] == "out of memory at micro-batch 4; 2 fits"
     assert check["fix"] == "--batch-size 2 (gradient accumulation of 4 micro-steps keeps total_batch_size 256)"
