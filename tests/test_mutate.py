@@ -1,6 +1,7 @@
 """tools/mutate.py stays usable: every planted bug still applies to the code (its text occurs exactly
 once in its module), so a change of the code cannot quietly turn a mutant into a no-op."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 ROOT = Path(__file__).parent.parent
 spec = importlib.util.spec_from_file_location("mutate", ROOT / "tools" / "mutate.py")
 mutate = importlib.util.module_from_spec(spec)
+sys.modules["mutate"] = mutate  # dataclasses look their module up there
 spec.loader.exec_module(mutate)
 
 
