@@ -22,16 +22,16 @@ from pathlib import Path
 import torch
 
 from . import dist
-from .bench import device_peak_tflops, flops_per_token
+from .bench import REL_TOLERANCE, device_peak_tflops, flops_per_token
 from .checkpoint import Checkpointer, list_checkpoints
-from .config import TrainConfig, config_from_args
+from .config import TrainConfig
 from .data import load_tokens
 from .evaluate import evaluate_hellaswag, validation_loss
 from .runtime import (USER_ERRORS, DirectoryLocked, atomic_write, autocast_for, command_name, device_name,
-                             lock_directory, one_line, provenance, resolve_device, run_command, set_tf32)
+                             lock_directory, one_line, provenance, resolve_device, run_command)
 from .sample import complete
-from .train import (AUTOCAST_DTYPES, build_model, load_hellaswag, make_loaders, run_arguments, take_step,
-                           wrap_model)
+from .train import (AUTOCAST_DTYPES, build_model, gpu_defaults, load_hellaswag, make_loaders, rank_error,
+                           run_arguments, setup_run, take_step, wrap_model)
 
 
 @dataclass
@@ -211,9 +211,7 @@ def scratch_directory(out: Path, env: dist.DistEnv) -> Path:
 
 
 def check_checkpoint(cfg: TrainConfig, env: dist.DistEnv, compile: bool, out: Path, found: dict) -> str:
-    "Save, load as --resume does, one more step on both: the same loss."
-    from gpt2lib.bench import REL_TOLERANCE
-
+    "Save, load as --resume does, two more steps on both: the same losses."
     run, loader = found["run"], found["loader"]
     scratch = scratch_directory(out, env)
     try:
@@ -305,9 +303,7 @@ def preflight(cfg: TrainConfig, out, env: dist.DistEnv | None = None, device: st
     "Every check, in order; the report (also written to `report_path`, default `out/preflight.json`)."
     env = env or dist.DistEnv(device=resolve_device(device))
     cfg.validate(env.world_size)
-    on_gpu = env.device.startswith("cuda")
-    compile = on_gpu if compile is None else compile
-    set_tf32(on_gpu)
+    compile = gpu_defaults(env, compile)
     out, found, checks = Path(out), {}, []
 
     def check(name, fn, *needs):
@@ -371,14 +367,13 @@ def parse_args(argv=None):
 
 @run_command
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    cfg, out = config_from_args(args), f"runs/{args.preset}" if args.out is None else args.out
-    if not out.strip():
-        raise ValueError("--out is empty: give the run's directory")
-    cfg.validate(dist.world_size_from_env())
-    env = dist.setup(resolve_device(args.device), args.dist_timeout)
-    report = preflight(cfg, out, env=env, compile=args.compile, steps=args.steps,
-                       hellaswag_examples=args.hellaswag_examples, report_path=args.json)
+    args, env = parse_args(argv), None
+    try:
+        cfg, out, env = setup_run(args)
+        report = preflight(cfg, out, env=env, compile=args.compile, steps=args.steps,
+                           hellaswag_examples=args.hellaswag_examples, report_path=args.json)
+    except USER_ERRORS as err:
+        raise rank_error(err, env) from None
     dist.teardown()
     if env.is_main:
         failed = [c["name"] for c in report["checks"] if c["status"] == "failed"]

@@ -11,7 +11,6 @@ __all__ = ['LOCK_NAME', 'USER_ERRORS', 'EXIT_INTERRUPTED', 'default_device', 're
 import contextlib
 import datetime
 import functools
-import json
 import os
 import platform
 import signal

@@ -4,15 +4,14 @@
 
 # %% auto #0
 __all__ = ['AUTOCAST_DTYPES', 'GPT2_124M_COMMANDS', 'load_data', 'make_loaders', 'load_hellaswag', 'Evaluator',
-           'GracefulInterrupt', 'Diverged', 'take_step', 'run_steps', 'wrap_model', 'check_memory', 'build_model',
-           'train', 'positive', 'run_arguments', 'parse_args', 'main']
+           'GracefulInterrupt', 'Diverged', 'take_step', 'run_steps', 'gpu_defaults', 'wrap_model', 'check_memory',
+           'build_model', 'train', 'positive', 'run_arguments', 'parse_args', 'setup_run', 'rank_error', 'main']
 
 # %% ../nbs/09_train.ipynb #c012
 import argparse
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -218,6 +217,14 @@ def run_steps(cfg: TrainConfig, env: dist.DistEnv, step_model, optimizer, loader
     return cfg.max_steps, None
 
 # %% ../nbs/09_train.ipynb #c031
+def gpu_defaults(env: dist.DistEnv, compile: bool | None) -> bool:
+    """On a CUDA GPU, what fp32 matrix multiplies remain use TF32, and the model is compiled unless
+    told otherwise (chapter 4); elsewhere neither. Returns whether to compile."""
+    on_gpu = env.device.startswith("cuda")
+    set_tf32(on_gpu)
+    return on_gpu if compile is None else compile
+
+
 def wrap_model(model, compile: bool, env: dist.DistEnv):
     "(the model evaluation runs: compiled if asked; the model steps run: that one, in DDP under torchrun)."
     eval_model = torch.compile(model) if compile else model
@@ -257,9 +264,7 @@ def train(cfg: TrainConfig, out, device: str | None = None, resume: bool = False
     `compile` None: torch.compile on a CUDA GPU, not elsewhere (chapter 4)."""
     t_start = time.perf_counter()
     env = env or dist.DistEnv(device=resolve_device(device))
-    on_gpu = env.device.startswith("cuda")
-    compile = on_gpu if compile is None else compile
-    set_tf32(on_gpu)  # chapter 4: what fp32 matrix multiplies remain use the tensor cores
+    compile = gpu_defaults(env, compile)
     cfg.validate(env.world_size)  # every setting, before anything is read or built
     check_memory(cfg, env.device)
     loader, val_loader = make_loaders(cfg, env)  # then the data, before anything is written
@@ -345,25 +350,37 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def setup_run(args) -> tuple[TrainConfig, str, dist.DistEnv]:
+    """The settings (checked on every rank, before the process group), the run's directory, and
+    this process's place in the launch: what gpt2-train and gpt2-preflight start from."""
+    cfg, out = config_from_args(args), f"runs/{args.preset}" if args.out is None else args.out
+    if not out.strip():
+        raise ValueError("--out is empty: give the run's directory")
+    cfg.validate(dist.world_size_from_env())
+    return cfg, out, dist.setup(resolve_device(args.device), args.dist_timeout)
+
+
+def rank_error(err: BaseException, env: dist.DistEnv | None) -> BaseException:
+    """The error this rank reports: a lost peer in words; on a rank other than 0, its own error after
+    rank 0 has reported what every rank meets (torchrun ends this rank first if it was that)."""
+    if env is not None and env.distributed and dist.is_collective_failure(err):
+        return RuntimeError(dist.describe_collective_failure(err, env))
+    rank = dist.rank_from_env()
+    if rank != 0:
+        dist.defer_to_rank_0(rank)
+        return RuntimeError(f"rank {rank}: {one_line(err)}")
+    return err
+
+
 @run_command
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    cfg, out = config_from_args(args), f"runs/{args.preset}" if args.out is None else args.out
-    rank, env, t0 = dist.rank_from_env(), None, time.perf_counter()
+    args, env, t0 = parse_args(argv), None, time.perf_counter()
     try:
-        if not out.strip():
-            raise ValueError("--out is empty: give the run's directory")
-        cfg.validate(dist.world_size_from_env())  # on every rank, before the process group
-        env = dist.setup(resolve_device(args.device), args.dist_timeout)
+        cfg, out, env = setup_run(args)
         summary = train(cfg, out, resume=args.resume, compile=args.compile, stop_after=args.stop_after,
                         progress=not args.no_progress, env=env)
     except USER_ERRORS as err:
-        if env is not None and env.distributed and dist.is_collective_failure(err):
-            raise RuntimeError(dist.describe_collective_failure(err, env)) from None
-        if rank != 0:  # rank 0 reports what every rank meets; this rank's own error comes after a wait
-            dist.defer_to_rank_0(rank)
-            raise RuntimeError(f"rank {rank}: {one_line(err)}") from None
-        raise
+        raise rank_error(err, env) from None
     dist.teardown()
     if not env.is_main:
         return 128 + summary["signal"] if "signal" in summary else 0
