@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-# (n_layer, n_head, n_embd, vocab_size, block_size). "gpt2-widths" is GPT-2 124M with 2 of its
+# (n_layer, n_head, n_embd, vocab_size, block_size). "gpt2-widths" is GPT-2 124M with
+# 2 of its
 # 12 layers; the others keep each released model's head layout at a small vocabulary.
 SHAPES = {
     "tiny": (2, 2, 32, 101, 64),
@@ -22,11 +23,18 @@ SHAPES = {
 
 
 def make_hf_model(n_layer, n_head, n_embd, vocab_size, block_size, seed=0):
-    """An HF GPT-2 with random weights: HF's init, then noise on every parameter, so that
-    biases and LayerNorm gains are not their trivial 0 and 1 and a mix-up cannot hide."""
+    """An HF GPT-2 with random weights: HF's init, then noise on every parameter, so
+    that biases and LayerNorm gains are not their trivial 0 and 1 and a mix-up cannot
+    hide."""
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
-                        n_positions=block_size, attn_implementation="eager")
+    config = GPT2Config(
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        vocab_size=vocab_size,
+        n_positions=block_size,
+        attn_implementation="eager",
+    )
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -35,8 +43,9 @@ def make_hf_model(n_layer, n_head, n_embd, vocab_size, block_size, seed=0):
 
 
 def save_hf(model, path: Path, fmt: str) -> Path:
-    """Save `model` as HF-format dir: 'safetensors' (save_pretrained), 'bin' (pytorch_model.bin)
-    or 'released' (the hub's layout: no `transformer.` prefix, mask buffers, no lm_head)."""
+    """Save `model` as HF-format dir: 'safetensors' (save_pretrained), 'bin'
+    (pytorch_model.bin) or 'released' (the hub's layout: no `transformer.` prefix, mask
+    buffers, no lm_head)."""
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)
     if fmt == "safetensors":
@@ -44,8 +53,11 @@ def save_hf(model, path: Path, fmt: str) -> Path:
     elif fmt == "bin":
         torch.save(model.state_dict(), path / "pytorch_model.bin")
     elif fmt == "released":
-        sd = {k.removeprefix("transformer."): v.clone().contiguous()
-              for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        sd = {
+            k.removeprefix("transformer."): v.clone().contiguous()
+            for k, v in model.state_dict().items()
+            if k != "lm_head.weight"
+        }
         T = model.config.n_positions
         for i in range(model.config.n_layer):
             sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
@@ -65,6 +77,7 @@ def tiny_hf(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gpt2_vocab_hf(tmp_path_factory):
-    "(HF model, its dir) for a tiny model with GPT-2's vocabulary, for prompts made by the tokenizer."
+    """(HF model, its dir) for a tiny model with GPT-2's vocabulary, for prompts made by
+    the tokenizer."""
     model = make_hf_model(1, 2, 32, 50257, 64)
     return model, save_hf(model, tmp_path_factory.mktemp("gpt2vocab"), "safetensors")

@@ -7,7 +7,14 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2lib.bench import LADDER, MODELS, build_model, flops_per_token, peak_tflops, run_ladder
+from gpt2lib.bench import (
+    LADDER,
+    MODELS,
+    build_model,
+    flops_per_token,
+    peak_tflops,
+    run_ladder,
+)
 from gpt2lib.data import read_asset_text, tokenize
 from gpt2lib.model import GPT, GPTConfig
 from gpt2lib.optim import configure_optimizer
@@ -17,17 +24,24 @@ TINY = GPTConfig(block_size=32, vocab_size=1000, n_layer=2, n_head=2, n_embd=32)
 
 def test_flops_per_token_of_gpt2_124m():
     with torch.device("meta"):
-        n = sum(p.numel() for p in GPT2LMHeadModel(GPT2Config()).transformer.parameters())  # HF counts wte once
+        n = sum(
+            p.numel() for p in GPT2LMHeadModel(GPT2Config()).transformer.parameters()
+        )  # HF counts wte once
     n -= 1024 * 768  # the position embedding is a lookup, not a matmul
     assert flops_per_token(GPTConfig(), 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
-    assert flops_per_token(GPTConfig(pad_vocab_to=64), 1024) == flops_per_token(GPTConfig(), 1024)
+    assert flops_per_token(GPTConfig(pad_vocab_to=64), 1024) == flops_per_token(
+        GPTConfig(), 1024
+    )
 
 
 def test_peak_table():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe") == 756.5
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert peak_tflops("CPU (x86_64, 2 threads)") is None and peak_tflops("Some Future GPU") is None
+    assert (
+        peak_tflops("CPU (x86_64, 2 threads)") is None
+        and peak_tflops("Some Future GPU") is None
+    )
 
 
 def test_flash_attention_equals_manual():
@@ -41,7 +55,10 @@ def test_padded_vocabulary_keeps_function_and_gradients():
     x, y = torch.randint(0, TINY.vocab_size, (2, 2, 32))
     plain = build_model(TINY, seed=0)
     padded = build_model(GPTConfig(**{**TINY.__dict__, "pad_vocab_to": 64}), seed=0)
-    assert padded.transformer.wte.weight.shape[0] == 1024 and padded.config.padded_vocab_size == 1024
+    assert (
+        padded.transformer.wte.weight.shape[0] == 1024
+        and padded.config.padded_vocab_size == 1024
+    )
     (lp, loss_p), (l, loss) = padded(x, y), plain(x, y)
     assert lp.shape == l.shape and torch.equal(lp, l) and torch.equal(loss_p, loss)
     loss_p.backward(), loss.backward()
@@ -51,28 +68,33 @@ def test_padded_vocabulary_keeps_function_and_gradients():
 
 
 def test_fused_adamw_equals_standard():
-    """Fused and standard AdamW compute the same update with different vectorised code, which
-    differs between CPUs, so they round differently: compare how far each moved the weights in
-    three steps, not the weights to a fixed number of digits.
+    """Fused and standard AdamW compute the same update with different vectorised code,
+    which differs between CPUs, so they round differently: compare how far each moved
+    the weights in three steps, not the weights to a fixed number of digits.
 
-    Rounding alone: each update is a few dozen fp32 operations (about 1e-7 relative error each),
-    except where a gradient is near zero and m / (sqrt(v) + eps) is ill-conditioned; even there
-    it stays far below 1e-4 of the distance moved (measured: 4e-6 on one CPU, whose largest
-    single-weight difference, 1e-6, failed the old fixed bound elsewhere). Any real difference
-    in the update is far above it: without weight decay the distance changes by 2e-3 of itself,
-    with a learning rate 1 % off by 1e-2. So 1e-4 separates the two."""
+    Rounding alone: each update is a few dozen fp32 operations (about 1e-7 relative
+    error each), except where a gradient is near zero and m / (sqrt(v) + eps) is
+    ill-conditioned; even there it stays far below 1e-4 of the distance moved (measured:
+    4e-6 on one CPU, whose largest single-weight difference, 1e-6, failed the old fixed
+    bound elsewhere). Any real difference in the update is far above it: without weight
+    decay the distance changes by 2e-3 of itself, with a learning rate 1 % off by 1e-2.
+    So 1e-4 separates the two."""
     moved = []
     for fused in (False, True):
         model = build_model(TINY, seed=0)
         start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         opt = configure_optimizer(model, 1e-3, weight_decay=0.1, fused=fused)
         assert opt.defaults["fused"] is fused
-        x, y = torch.randint(0, TINY.vocab_size, (2, 2, 32), generator=torch.Generator().manual_seed(1))
+        x, y = torch.randint(
+            0, TINY.vocab_size, (2, 2, 32), generator=torch.Generator().manual_seed(1)
+        )
         for _ in range(3):
             opt.zero_grad()
             model(x, y)[1].backward()
             opt.step()
-        moved.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - start)
+        moved.append(
+            torch.cat([p.detach().flatten() for p in model.parameters()]) - start
+        )
     assert (moved[0] - moved[1]).norm() / moved[0].norm() < 1e-4
 
 
@@ -82,30 +104,79 @@ def tokens():
 
 
 def test_ladder_on_cpu_has_every_rung(tokens):
-    rows = run_ladder(GPTConfig(n_layer=1, n_head=2, n_embd=32), B=2, T=32, steps=2, warmup=1, device="cpu",
-                      compile=False, tokens=tokens, progress=False)
+    rows = run_ladder(
+        GPTConfig(n_layer=1, n_head=2, n_embd=32),
+        B=2,
+        T=32,
+        steps=2,
+        warmup=1,
+        device="cpu",
+        compile=False,
+        tokens=tokens,
+        progress=False,
+    )
     assert [r["rung"] for r in rows] == [r.name for r in LADDER]
     by_name = {r["rung"]: r for r in rows}
-    assert by_name["+ TF32 matmuls"] == {"rung": "+ TF32 matmuls", "status": "skipped", "reason": "needs an NVIDIA GPU"}
-    assert by_name["+ torch.compile"]["status"] == "skipped" and "--no-compile" in by_name["+ torch.compile"]["reason"]
+    assert by_name["+ TF32 matmuls"] == {
+        "rung": "+ TF32 matmuls",
+        "status": "skipped",
+        "reason": "needs an NVIDIA GPU",
+    }
+    assert (
+        by_name["+ torch.compile"]["status"] == "skipped"
+        and "--no-compile" in by_name["+ torch.compile"]["reason"]
+    )
     ran = [r for r in rows if r["status"] == "ran"]
-    assert [r["rung"] for r in ran] == ["fp32", "+ flash attention", "+ vocab 50304", "+ fused AdamW"]
-    assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["mfu"] is None and len(r["losses"]) == 3
-               for r in ran)
-    assert "same_math" not in ran[0] and all(r["same_math"] for r in ran[1:])  # compared with the rung below
-    assert ran[-1]["recipe"] == {"tf32": False, "bf16": False, "compile": False, "attn_impl": "sdpa",
-                                 "pad_vocab_to": 64, "fused_adamw": True, "batch_size": None}
+    assert [r["rung"] for r in ran] == [
+        "fp32",
+        "+ flash attention",
+        "+ vocab 50304",
+        "+ fused AdamW",
+    ]
+    assert all(
+        r["tokens_per_s"] > 0
+        and r["ms_per_step"] > 0
+        and r["mfu"] is None
+        and len(r["losses"]) == 3
+        for r in ran
+    )
+    assert "same_math" not in ran[0] and all(
+        r["same_math"] for r in ran[1:]
+    )  # compared with the rung below
+    assert ran[-1]["recipe"] == {
+        "tf32": False,
+        "bf16": False,
+        "compile": False,
+        "attn_impl": "sdpa",
+        "pad_vocab_to": 64,
+        "fused_adamw": True,
+        "batch_size": None,
+    }
 
 
 def test_the_math_check_is_discriminating(tokens):
-    "The steps compared make progress far beyond the fp32 tolerance, so a rung that changes them shows."
-    rows = run_ladder(GPTConfig(n_layer=1, n_head=2, n_embd=32), B=2, T=32, steps=2, warmup=1, device="cpu",
-                      compile=False, tokens=tokens, progress=False)
+    """The steps compared make progress far beyond the fp32 tolerance, so a rung that
+    changes them shows."""
+    rows = run_ladder(
+        GPTConfig(n_layer=1, n_head=2, n_embd=32),
+        B=2,
+        T=32,
+        steps=2,
+        warmup=1,
+        device="cpu",
+        compile=False,
+        tokens=tokens,
+        progress=False,
+    )
     losses = rows[0]["losses"]
-    assert min(abs(a - b) for a, b in zip(losses, losses[1:])) > 10 * rows[-2]["tolerance"]
+    assert (
+        min(abs(a - b) for a, b in zip(losses, losses[1:])) > 10 * rows[-2]["tolerance"]
+    )
 
 
-@pytest.mark.parametrize("bug", ["no update", "padding in the softmax", "two updates per step"])
+@pytest.mark.parametrize(
+    "bug", ["no update", "padding in the softmax", "two updates per step"]
+)
 def test_a_rung_that_changes_the_math_is_caught(bug, tokens, monkeypatch):
     "Bugs planted in one rung of the ladder: check_math must call that rung DIFFERENT."
     import gpt2lib.bench as bench
@@ -115,55 +186,122 @@ def test_a_rung_that_changes_the_math_is_caught(bug, tokens, monkeypatch):
     def broken_optimizer(model, lr, *args, fused=False, **kwargs):
         opt = real_optimizer(model, lr, *args, fused=fused, **kwargs)
         once = opt.step
-        opt.step = (lambda *a, **k: None) if bug == "no update" else (lambda *a, **k: (once(), once()))
+        opt.step = (
+            (lambda *a, **k: None)
+            if bug == "no update"
+            else (lambda *a, **k: (once(), once()))
+        )
         return opt
 
     class LeakyPadding(real_gpt):
         def forward(self, idx, targets=None):
-            x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.size(1)))
+            x = self.transformer.wte(idx) + self.transformer.wpe(
+                torch.arange(idx.size(1))
+            )
             for block in self.transformer.h:
                 x = block(x)
             logits = self.lm_head(self.transformer.ln_f(x))
-            return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            return logits, torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), targets.flatten()
+            )
 
     if bug == "padding in the softmax":
-        monkeypatch.setattr(bench, "GPT", lambda config: (LeakyPadding if config.pad_vocab_to > 1 else real_gpt)(config))
+        monkeypatch.setattr(
+            bench,
+            "GPT",
+            lambda config: (LeakyPadding if config.pad_vocab_to > 1 else real_gpt)(
+                config
+            ),
+        )
     else:
-        monkeypatch.setattr(bench, "configure_optimizer", lambda model, lr, *a, fused=False, **k: (
-            broken_optimizer(model, lr, *a, fused=fused, **k) if fused else real_optimizer(model, lr, *a, **k)))
-    rows = run_ladder(GPTConfig(n_layer=1, n_head=2, n_embd=32), B=2, T=32, steps=2, warmup=1, device="cpu",
-                      compile=False, tokens=tokens, progress=False)
+        monkeypatch.setattr(
+            bench,
+            "configure_optimizer",
+            lambda model, lr, *a, fused=False, **k: (
+                broken_optimizer(model, lr, *a, fused=fused, **k)
+                if fused
+                else real_optimizer(model, lr, *a, **k)
+            ),
+        )
+    rows = run_ladder(
+        GPTConfig(n_layer=1, n_head=2, n_embd=32),
+        B=2,
+        T=32,
+        steps=2,
+        warmup=1,
+        device="cpu",
+        compile=False,
+        tokens=tokens,
+        progress=False,
+    )
     verdicts = {r["rung"]: r.get("same_math") for r in rows if r["status"] == "ran"}
-    broken_rung = "+ vocab 50304" if bug == "padding in the softmax" else "+ fused AdamW"
+    broken_rung = (
+        "+ vocab 50304" if bug == "padding in the softmax" else "+ fused AdamW"
+    )
     assert verdicts[broken_rung] is False
-    assert all(v for name, v in verdicts.items() if name not in (broken_rung, "fp32", "+ fused AdamW")), verdicts
+    assert all(
+        v
+        for name, v in verdicts.items()
+        if name not in (broken_rung, "fp32", "+ fused AdamW")
+    ), verdicts
 
 
 def test_the_bf16_rung_on_a_cpu_stays_within_bf16s_tolerance(tokens):
-    "The bf16 path of the ladder (autocast in time_recipe) runs on a CPU too, against fp32."
+    """The bf16 path of the ladder (autocast in time_recipe) runs on a CPU too, against
+    fp32."""
     from gpt2lib.bench import REL_TOLERANCE, Recipe, check_math, time_recipe
 
     config, cpu = GPTConfig(n_layer=1, n_head=2, n_embd=32), torch.device("cpu")
-    rows = [{"status": "ran", "recipe": dataclasses.asdict(recipe),
-             **time_recipe(recipe, config, tokens, 2, 32, steps=3, warmup=1, device=cpu)}
-            for recipe in (Recipe(), Recipe(bf16=True))]
+    rows = [
+        {
+            "status": "ran",
+            "recipe": dataclasses.asdict(recipe),
+            **time_recipe(recipe, config, tokens, 2, 32, steps=3, warmup=1, device=cpu),
+        }
+        for recipe in (Recipe(), Recipe(bf16=True))
+    ]
     check_math(rows)
-    assert rows[1]["tolerance"] == pytest.approx(REL_TOLERANCE["bf16"] * rows[0]["losses"][0])
-    assert rows[1]["same_math"] and rows[1]["loss_diff"] > 0  # it did run in bf16: not bit-equal to fp32
+    assert rows[1]["tolerance"] == pytest.approx(
+        REL_TOLERANCE["bf16"] * rows[0]["losses"][0]
+    )
+    assert (
+        rows[1]["same_math"] and rows[1]["loss_diff"] > 0
+    )  # it did run in bf16: not bit-equal to fp32
 
 
 def test_ladder_with_compile_and_larger_batch(tokens):
-    "The compiled rungs run on CPU too (slow to compile, so a 1-layer model and 2 steps each)."
-    rows = run_ladder(GPTConfig(n_layer=1, n_head=2, n_embd=32), B=2, T=16, steps=1, warmup=1, device="cpu",
-                      compile=True, max_batch_size=4, tokens=tokens, progress=False)
+    """The compiled rungs run on CPU too (slow to compile, so a 1-layer model and 2
+    steps each)."""
+    rows = run_ladder(
+        GPTConfig(n_layer=1, n_head=2, n_embd=32),
+        B=2,
+        T=16,
+        steps=1,
+        warmup=1,
+        device="cpu",
+        compile=True,
+        max_batch_size=4,
+        tokens=tokens,
+        progress=False,
+    )
     by_name = {r["rung"]: r for r in rows}
-    assert by_name["+ torch.compile"]["status"] == "ran" and by_name["+ torch.compile"]["recipe"]["compile"]
-    assert by_name["+ torch.compile"]["same_math"]  # compiled kernels: the same losses within fp32 rounding
-    assert by_name["+ larger micro-batch"]["batch_size"] == 4 and "same_math" not in by_name["+ larger micro-batch"]
+    assert (
+        by_name["+ torch.compile"]["status"] == "ran"
+        and by_name["+ torch.compile"]["recipe"]["compile"]
+    )
+    assert by_name["+ torch.compile"][
+        "same_math"
+    ]  # compiled kernels: the same losses within fp32 rounding
+    assert (
+        by_name["+ larger micro-batch"]["batch_size"] == 4
+        and "same_math" not in by_name["+ larger micro-batch"]
+    )
     assert all(r["same_math"] for r in rows if "same_math" in r)
 
 
-def test_ladder_restores_the_tf32_flags_and_keeps_rows_after_a_failure(tokens, monkeypatch):
+def test_ladder_restores_the_tf32_flags_and_keeps_rows_after_a_failure(
+    tokens, monkeypatch
+):
     import gpt2lib.bench as bench
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -179,8 +317,17 @@ def test_ladder_restores_the_tf32_flags_and_keeps_rows_after_a_failure(tokens, m
     monkeypatch.setattr(bench, "time_recipe", fails_on_the_third)
     try:
         with pytest.raises(RuntimeError, match="third rung"):
-            run_ladder(GPTConfig(n_layer=1, n_head=2, n_embd=32), B=2, T=16, steps=1, warmup=1, device="cpu",
-                       compile=False, tokens=tokens, progress=False)
+            run_ladder(
+                GPTConfig(n_layer=1, n_head=2, n_embd=32),
+                B=2,
+                T=16,
+                steps=1,
+                warmup=1,
+                device="cpu",
+                compile=False,
+                tokens=tokens,
+                progress=False,
+            )
         assert torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -188,32 +335,78 @@ def test_ladder_restores_the_tf32_flags_and_keeps_rows_after_a_failure(tokens, m
 
 def test_cli_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "gpt2lib.bench", "--device", "cpu", "--no-compile", "--steps", "1",
-           "--warmup", "1", "--batch-size", "2", "--seq-len", "16", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gpt2lib.bench",
+        "--device",
+        "cpu",
+        "--no-compile",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--json",
+        str(out),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
-    assert {"device", "torch", "commit", "dirty", "date", "model", "flops_per_token", "rungs"} <= data.keys()
-    # the command that measures it again, recorded with it (the book prints it), --no-compile included
-    assert data["command"] == (f"python -m gpt2lib.bench --model tiny --batch-size 2 --seq-len 16 --steps 1 "
-                               f"--warmup 1 --device cpu --no-compile --json {out}")
-    assert data["model"] == "tiny" and data["device"].startswith("CPU") and data["peak_bf16_tflops"] is None
+    assert {
+        "device",
+        "torch",
+        "commit",
+        "dirty",
+        "date",
+        "model",
+        "flops_per_token",
+        "rungs",
+    } <= data.keys()
+    # the command that measures it again, recorded with it (the book prints it),
+    # --no-compile included
+    assert data["command"] == (
+        f"python -m gpt2lib.bench --model tiny --batch-size 2 --seq-len 16 --steps 1 "
+        f"--warmup 1 --device cpu --no-compile --json {out}"
+    )
+    assert (
+        data["model"] == "tiny"
+        and data["device"].startswith("CPU")
+        and data["peak_bf16_tflops"] is None
+    )
     assert [r["rung"] for r in data["rungs"]] == [r.name for r in LADDER]
     assert "| fp32 |" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--seq-len", "2048", "--model", "gpt2"], "longer than the model's block_size"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--device", "cuda"], "no CUDA GPU is visible"),
-    (["--model", "huge"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--seq-len", "2048", "--model", "gpt2"],
+            "longer than the model's block_size",
+        ),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--device", "cuda"], "no CUDA GPU is visible"),
+        (["--model", "huge"], "invalid choice"),
+    ],
+)
 def test_cli_bad_input(args, message):
-    result = subprocess.run([sys.executable, "-m", "gpt2lib.bench", *args], capture_output=True, text=True)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt2lib.bench", *args], capture_output=True, text=True
+    )
+    assert (
+        result.returncode == 2
+        and message in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
-def test_a_failing_rung_keeps_the_measured_ones_in_the_json(tmp_path, monkeypatch, capsys):
+def test_a_failing_rung_keeps_the_measured_ones_in_the_json(
+    tmp_path, monkeypatch, capsys
+):
     import gpt2lib.bench as bench
 
     real, calls = bench.time_recipe, []
@@ -227,16 +420,45 @@ def test_a_failing_rung_keeps_the_measured_ones_in_the_json(tmp_path, monkeypatc
     monkeypatch.setattr(bench, "time_recipe", fails_on_the_second)
     out = tmp_path / "bench.json"
     with pytest.raises(SystemExit) as exit:
-        bench.main(["--device", "cpu", "--no-compile", "--steps", "1", "--warmup", "1", "--batch-size", "2",
-                    "--seq-len", "16", "--json", str(out)])
+        bench.main(
+            [
+                "--device",
+                "cpu",
+                "--no-compile",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "16",
+                "--json",
+                str(out),
+            ]
+        )
     assert "illegal memory access" in str(exit.value.code)
     rows = json.loads(out.read_text())["rungs"]
-    assert [r["rung"] for r in rows if r["status"] == "ran"] == ["fp32"]  # measured before the failure, kept
+    assert [r["rung"] for r in rows if r["status"] == "ran"] == [
+        "fp32"
+    ]  # measured before the failure, kept
 
 
 def test_a_max_batch_size_larger_than_the_text_fails_before_any_rung(capsys):
     import gpt2lib.bench as bench
 
     with pytest.raises(SystemExit) as exit:
-        bench.main(["--device", "cpu", "--no-compile", "--seq-len", "64", "--max-batch-size", "100000"])
-    assert "needs 6,400,001 tokens, but the benchmark's text has" in str(exit.value.code)
+        bench.main(
+            [
+                "--device",
+                "cpu",
+                "--no-compile",
+                "--seq-len",
+                "64",
+                "--max-batch-size",
+                "100000",
+            ]
+        )
+    assert "needs 6,400,001 tokens, but the benchmark's text has" in str(
+        exit.value.code
+    )

@@ -1,11 +1,14 @@
-"""tools/check_book.py on small built-book trees it must pass or fail (what a browser sees is
-tools/check_browser.py's, tested in test_check_browser.py)."""
+"""tools/check_book.py on small built-book trees it must pass or fail (what a browser
+sees is tools/check_browser.py's, tested in test_check_browser.py)."""
+
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("check_book", Path(__file__).parent.parent / "tools" / "check_book.py")
+spec = importlib.util.spec_from_file_location(
+    "check_book", Path(__file__).parent.parent / "tools" / "check_book.py"
+)
 check_book = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(check_book)
 
@@ -28,12 +31,15 @@ def test_a_good_page_passes(tmp_path):
     assert check_book.check_page(html, PAGE) == []
 
 
-@pytest.mark.parametrize("body, image, problem", [
-    ("<p>prose only</p>", None, "no cell outputs (did execution run?)"),
-    (OUTPUT + TRACEBACK, None, "shows an error output"),
-    (OUTPUT + '<img src="missing.png">', None, "missing image missing.png"),
-    (OUTPUT + '<img src="plot.png">', b"", "empty image plot.png"),
-])
+@pytest.mark.parametrize(
+    "body, image, problem",
+    [
+        ("<p>prose only</p>", None, "no cell outputs (did execution run?)"),
+        (OUTPUT + TRACEBACK, None, "shows an error output"),
+        (OUTPUT + '<img src="missing.png">', None, "missing image missing.png"),
+        (OUTPUT + '<img src="plot.png">', b"", "empty image plot.png"),
+    ],
+)
 def test_a_broken_page_fails_naming_the_problem(tmp_path, body, image, problem):
     problems = check_book.check_page(built(tmp_path, body, image), PAGE)
     assert problems == [f"{PAGE}: {problem}"]

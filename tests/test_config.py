@@ -1,11 +1,20 @@
-"""Every setting of a run is checked before anything is read or built, and parsed by its type."""
+"""Every setting of a run is checked before anything is read or built, and parsed by its
+type."""
+
 import argparse
 import dataclasses
 import math
 
 import pytest
 
-from gpt2lib.config import PRESETS, RULES, TrainConfig, add_config_arguments, config_from_args, value_parser
+from gpt2lib.config import (
+    PRESETS,
+    RULES,
+    TrainConfig,
+    add_config_arguments,
+    config_from_args,
+    value_parser,
+)
 
 SMOKE = PRESETS["smoke"]
 
@@ -21,29 +30,59 @@ def test_every_field_has_a_rule():
 
 # (field, a value out of its range, words the error must contain)
 BAD = [
-    ("data", " ", "shipped text"), ("val_fraction", 1.0, "below 1"), ("val_fraction", -0.1, "at least 0"),
-    ("val_fraction", math.nan, "below 1"), ("n_layer", 0, "at least 1"), ("n_embd", 33, "divisible by n_head"),
-    ("n_embd", 0, "at least 1"), ("block_size", -1, "at least 1"), ("vocab_size", 70000, "65,536"),
-    ("vocab_size", 1000, "whole vocabulary"), ("pad_vocab_to", 0, "1 to 1024"), ("batch_size", 0, "at least 1"),
-    ("total_batch_size", 1000, "multiple of batch_size"), ("max_lr", 0.0, "above 0"), ("max_lr", math.nan, "finite"),
-    ("max_lr", math.inf, "finite"), ("min_lr_ratio", 1.5, "between 0 and 1"), ("warmup_steps", -1, "0 or more"),
-    ("warmup_steps", 7, "at most max_steps"), ("max_steps", 0, "at least 1"), ("weight_decay", -0.1, "0 or more"),
-    ("weight_decay", math.nan, "finite"), ("grad_clip", 0.0, "above 0"), ("grad_clip", math.nan, "above 0"),
-    ("eval_every", -1, "0 (never)"), ("eval_batches", 0, "at least 1"), ("hellaswag", "/no/such.jsonl", "existing"),
-    ("hellaswag_limit", -1, "0 (all)"), ("sample_every", -5, "0 (never)"), ("sample_prompt", "word " * 40, "block_size=32"),
-    ("num_samples", 0, "at least 1"), ("sample_tokens", -1, "0 or more"), ("checkpoint_every", -1, "0 (never)"),
-    ("keep_checkpoints", 0, "at least 1"), ("keep_checkpoints", -1, "at least 1"), ("seed", -1, "0 to 2**63"),
-    ("batch_size", "4", "of type int"), ("max_lr", "1e-3", "of type float"), ("n_layer", True, "of type int"),
+    ("data", " ", "shipped text"),
+    ("val_fraction", 1.0, "below 1"),
+    ("val_fraction", -0.1, "at least 0"),
+    ("val_fraction", math.nan, "below 1"),
+    ("n_layer", 0, "at least 1"),
+    ("n_embd", 33, "divisible by n_head"),
+    ("n_embd", 0, "at least 1"),
+    ("block_size", -1, "at least 1"),
+    ("vocab_size", 70000, "65,536"),
+    ("vocab_size", 1000, "whole vocabulary"),
+    ("pad_vocab_to", 0, "1 to 1024"),
+    ("batch_size", 0, "at least 1"),
+    ("total_batch_size", 1000, "multiple of batch_size"),
+    ("max_lr", 0.0, "above 0"),
+    ("max_lr", math.nan, "finite"),
+    ("max_lr", math.inf, "finite"),
+    ("min_lr_ratio", 1.5, "between 0 and 1"),
+    ("warmup_steps", -1, "0 or more"),
+    ("warmup_steps", 7, "at most max_steps"),
+    ("max_steps", 0, "at least 1"),
+    ("weight_decay", -0.1, "0 or more"),
+    ("weight_decay", math.nan, "finite"),
+    ("grad_clip", 0.0, "above 0"),
+    ("grad_clip", math.nan, "above 0"),
+    ("eval_every", -1, "0 (never)"),
+    ("eval_batches", 0, "at least 1"),
+    ("hellaswag", "/no/such.jsonl", "existing"),
+    ("hellaswag_limit", -1, "0 (all)"),
+    ("sample_every", -5, "0 (never)"),
+    ("sample_prompt", "word " * 40, "block_size=32"),
+    ("num_samples", 0, "at least 1"),
+    ("sample_tokens", -1, "0 or more"),
+    ("checkpoint_every", -1, "0 (never)"),
+    ("keep_checkpoints", 0, "at least 1"),
+    ("keep_checkpoints", -1, "at least 1"),
+    ("seed", -1, "0 to 2**63"),
+    ("batch_size", "4", "of type int"),
+    ("max_lr", "1e-3", "of type float"),
+    ("n_layer", True, "of type int"),
 ]
 
 
-@pytest.mark.parametrize("field, value, words", BAD, ids=[f"{f}={v!r}"[:40] for f, v, _ in BAD])
+@pytest.mark.parametrize(
+    "field, value, words", BAD, ids=[f"{f}={v!r}"[:40] for f, v, _ in BAD]
+)
 def test_out_of_range_setting_names_itself_and_the_range(field, value, words):
     cfg = dataclasses.replace(SMOKE, **{field: value})
     with pytest.raises(ValueError) as err:
         cfg.validate()
     message = str(err.value)
-    assert message.startswith(f"{field} = ") and words in message and "\n" not in message
+    assert (
+        message.startswith(f"{field} = ") and words in message and "\n" not in message
+    )
     assert f"--{field.replace('_', '-')}" in message
 
 
@@ -54,13 +93,28 @@ def test_the_budget_is_checked_for_the_number_of_processes():
 
 
 def test_boundary_values_are_allowed():
-    dataclasses.replace(SMOKE, val_fraction=0.0, min_lr_ratio=1.0, warmup_steps=SMOKE.max_steps, eval_every=0,
-                        sample_tokens=0, grad_clip=math.inf, max_lr=1, sample_prompt="").validate()
+    dataclasses.replace(
+        SMOKE,
+        val_fraction=0.0,
+        min_lr_ratio=1.0,
+        warmup_steps=SMOKE.max_steps,
+        eval_every=0,
+        sample_tokens=0,
+        grad_clip=math.inf,
+        max_lr=1,
+        sample_prompt="",
+    ).validate()
 
 
 def test_value_parser_reads_booleans_and_optionals_by_their_type():
     parse_bool = value_parser(bool)
-    assert [parse_bool(t) for t in ("True", "false", "0", "YES", "off")] == [True, False, False, True, False]
+    assert [parse_bool(t) for t in ("True", "false", "0", "YES", "off")] == [
+        True,
+        False,
+        False,
+        True,
+        False,
+    ]
     with pytest.raises(argparse.ArgumentTypeError):
         parse_bool("maybe")
     parse_opt = value_parser(int | None)
@@ -72,7 +126,9 @@ def test_command_line_settings_replace_only_what_is_given():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="smoke")
     add_config_arguments(ap)
-    cfg = config_from_args(ap.parse_args(["--max-lr", "3e-4", "--hellaswag", "", "--n-layer", "1"]))
+    cfg = config_from_args(
+        ap.parse_args(["--max-lr", "3e-4", "--hellaswag", "", "--n-layer", "1"])
+    )
     assert cfg == dataclasses.replace(SMOKE, max_lr=3e-4, hellaswag="", n_layer=1)
     assert config_from_args(ap.parse_args([])) == SMOKE
     with pytest.raises(SystemExit):

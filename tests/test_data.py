@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -57,11 +59,16 @@ def test_shard_order_is_shuffled_per_epoch_by_the_seed(tmp_path):
 
     def orders(seed, epochs=3):
         loader = DataLoader(path, B=2, T=32, seed=seed)
-        return [[int(loader.next_batch()[0][0, 0]) // 65 for _ in range(6)] for _ in range(epochs)]
+        return [
+            [int(loader.next_batch()[0][0, 0]) // 65 for _ in range(6)]
+            for _ in range(epochs)
+        ]
 
     a = orders(seed=1)
     assert a == orders(seed=1)  # deterministic
-    assert all(sorted(epoch) == list(range(6)) for epoch in a)  # every shard once per epoch
+    assert all(
+        sorted(epoch) == list(range(6)) for epoch in a
+    )  # every shard once per epoch
     assert len({tuple(epoch) for epoch in a}) > 1  # reshuffled between epochs
     assert orders(seed=None, epochs=1) == [list(range(6))]
 
@@ -105,7 +112,9 @@ def test_not_a_npy_file(tmp_path):
 
 
 def test_data_shorter_than_one_batch(tmp_path):
-    with pytest.raises(ValueError, match="shorter than one batch.*100 tokens.*4\\*32\\*1 \\+ 1 = 129"):
+    with pytest.raises(
+        ValueError, match="shorter than one batch.*100 tokens.*4\\*32\\*1 \\+ 1 = 129"
+    ):
         DataLoader(toks(100), B=4, T=32)
 
 
@@ -123,8 +132,45 @@ def test_bad_rank():
 
 def test_shipped_texts():
     full = read_asset_text("shakespeare.txt")  # shipped gzipped
-    assert len(full.encode()) > 5_000_000 and full.startswith("ALL'S WELL THAT ENDS WELL")
+    assert len(full.encode()) > 5_000_000 and full.startswith(
+        "ALL'S WELL THAT ENDS WELL"
+    )
     tiny = read_asset_text("tinyshakespeare.txt")
     assert len(tiny) == 1_115_394 and tiny.startswith("First Citizen")
     ids = tokenize(tiny[:1000])
     assert ids.dtype == np.uint16 and len(ids) > 100
+
+
+def test_bigram_nll_equals_counting_by_hand():
+    "The vectorised lookup against a dictionary of pair counts, on random tokens."
+    from collections import Counter
+
+    from gpt2lib.data import bigram_nll, unigram_probs
+
+    rng = np.random.default_rng(0)
+    V = 50
+    fit, score = rng.integers(0, V, 2000), rng.integers(0, V, 500)
+    pairs, prev = Counter(zip(fit[:-1], fit[1:])), Counter(fit[:-1])
+    uni = unigram_probs(fit, V)
+    for w in (0.3, 0.9):
+        nll = [
+            -math.log(w * pairs[(a, b)] / max(prev[a], 1) + (1 - w) * uni[b])
+            for a, b in zip(score[:-1], score[1:])
+        ]
+        # float64 sums of 499 terms: rounding far below 1e-12 relative
+        assert bigram_nll(fit, score, V, [w])[0] == pytest.approx(
+            sum(nll) / len(nll), rel=1e-12
+        )
+
+
+def test_baselines_order_and_exact_values():
+    from gpt2lib.data import baseline_losses
+
+    # add-one smoothed unigram of [0, 0, 1] over 3 tokens: p = (3, 2, 1) / 6
+    tiny = baseline_losses(np.array([0, 0, 1]), np.array([2, 0]), vocab_size=3)
+    assert tiny["uniform"] == pytest.approx(math.log(3), rel=1e-15)
+    assert tiny["unigram"] == pytest.approx(-math.log(3 / 6), rel=1e-15)
+    # a text with structure between pairs: bigram < unigram < uniform
+    text = np.tile(np.arange(10), 300)
+    losses = baseline_losses(text, text[:200], vocab_size=100)
+    assert losses["bigram"] < losses["unigram"] < losses["uniform"]

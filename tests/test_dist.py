@@ -1,5 +1,7 @@
-"""Distributed training (chapter 6): two gloo ranks on the CPU compute what one process computes,
-checkpoints move between world sizes, and bad launches fail clearly instead of hanging."""
+"""Distributed training (chapter 6): two gloo ranks on the CPU compute what one process
+computes, checkpoints move between world sizes, and bad launches fail clearly instead of
+hanging."""
+
 import dataclasses
 import json
 import os
@@ -18,16 +20,34 @@ from gpt2lib.checkpoint import list_checkpoints
 from gpt2lib.train import PRESETS, train
 from gpt2lib.rundir import read_log
 
-# The smoke preset with 512 tokens per step: 2 micro-steps per rank on 2 ranks (so no_sync is
+# The smoke preset with 512 tokens per step: 2 micro-steps per rank on 2 ranks (so
+# no_sync is
 # used), 4 micro-steps in one process. Checkpoints at steps 3 and 6.
 SMOKE = dataclasses.replace(PRESETS["smoke"], total_batch_size=512)
-CLI = ["--preset", "smoke", "--total-batch-size", "512", "--device", "cpu", "--no-progress"]
+CLI = [
+    "--preset",
+    "smoke",
+    "--total-batch-size",
+    "512",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 ranks on 2 cores
 
 
 def torchrun(n_procs, *args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_procs}",
-           "-m", "gpt2lib.train", *CLI, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n_procs}",
+        "-m",
+        "gpt2lib.train",
+        *CLI,
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
@@ -62,18 +82,31 @@ def two_ranks(tmp_path_factory):
 
 
 def test_two_ranks_equal_one_process(one_process, two_ranks, record_property):
-    (one_train, one_val), (two_train, two_val) = losses(one_process), losses(two_ranks[0])
-    train_diff, val_diff = largest_difference(one_train, two_train), largest_difference(one_val, two_val)
+    (one_train, one_val), (two_train, two_val) = (
+        losses(one_process),
+        losses(two_ranks[0]),
+    )
+    train_diff, val_diff = (
+        largest_difference(one_train, two_train),
+        largest_difference(one_val, two_val),
+    )
     record_property("largest_train_loss_difference", train_diff)
-    print(f"\nlargest loss difference, 2 ranks vs 1 process: training {train_diff:.2e}, validation {val_diff:.2e}")
+    print(
+        f"\nlargest loss difference, 2 ranks vs 1 process: training {train_diff:.2e}, "
+        f"validation {val_diff:.2e}"
+    )
     assert train_diff < 1e-5 and val_diff < 1e-5
-    assert one_train[-1] < one_train[0] - 0.1  # it trained: equal losses are not equal constants
+    assert (
+        one_train[-1] < one_train[0] - 0.1
+    )  # it trained: equal losses are not equal constants
 
 
 def test_only_rank_0_writes(two_ranks):
     out, result = two_ranks
     train_log, val_log = log(out)
-    assert [e["step"] for e in train_log] == list(range(SMOKE.max_steps))  # once, not once per rank
+    assert [e["step"] for e in train_log] == list(
+        range(SMOKE.max_steps)
+    )  # once, not once per rank
     assert [e["step"] for e in val_log] == [0, 3, 6]
     assert len(open(out / "samples.jsonl").readlines()) == 1
     assert result.stdout.count("done: 6 steps") == 1
@@ -88,7 +121,9 @@ def resume_from_step_3(run, tmp_path):
     return tmp_path
 
 
-def test_checkpoint_of_two_ranks_resumes_in_one_process(one_process, two_ranks, tmp_path, capsys):
+def test_checkpoint_of_two_ranks_resumes_in_one_process(
+    one_process, two_ranks, tmp_path, capsys
+):
     out = resume_from_step_3(two_ranks[0], tmp_path)
     train(SMOKE, out, device="cpu", resume=True, progress=False)
     assert "saved by 2 processes, continuing on 1" in capsys.readouterr().out
@@ -107,7 +142,10 @@ def test_checkpoint_of_one_process_resumes_on_two_ranks(one_process, tmp_path):
 
 def test_budget_not_divisible_by_the_ranks(tmp_path):
     three_ranks = dist.DistEnv(rank=0, world_size=3)  # checked before any collective
-    with pytest.raises(ValueError, match=r"total_batch_size = 512 .* multiple of batch_size × block_size × processes = 4 × 32 × 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"total_batch_size = 512 .* multiple of batch_size × block_size × processes = 4 × 32 × 3",
+    ):
         train(SMOKE, tmp_path, progress=False, env=three_ranks)
 
 
@@ -117,7 +155,10 @@ def test_more_ranks_than_gpus(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(RuntimeError, match=r"needs GPU cuda:3, but this machine has 2 GPUs.*--nproc_per_node=2"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"needs GPU cuda:3, but this machine has 2 GPUs.*--nproc_per_node=2",
+    ):
         dist.setup("cuda")
 
 
@@ -133,9 +174,17 @@ def test_plain_process_without_torchrun(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     env = dist.setup("cpu", timeout=5)
-    assert env == dist.DistEnv(device="cpu", timeout=5.0) and env.is_main and not env.distributed
+    assert (
+        env == dist.DistEnv(device="cpu", timeout=5.0)
+        and env.is_main
+        and not env.distributed
+    )
     x = torch.tensor(2.0)
-    assert dist.all_reduce_mean(x) is x and dist.any_rank(True) and dist.broadcast_object("a") == "a"
+    assert (
+        dist.all_reduce_mean(x) is x
+        and dist.any_rank(True)
+        and dist.broadcast_object("a") == "a"
+    )
 
 
 def free_port():
@@ -146,20 +195,49 @@ def free_port():
 
 @pytest.mark.parametrize("failure", ["hangs", "dies"])
 def test_a_lost_rank_stops_the_other_with_a_clear_message(tmp_path, failure):
-    """Two ranks started by hand, as on two machines (no launcher watches both). When rank 1
-    hangs (SIGSTOP) or dies (SIGKILL), rank 0 must exit with a clear error, not wait forever."""
+    """Two ranks started by hand, as on two machines (no launcher watches both). When
+    rank 1 hangs (SIGSTOP) or dies (SIGKILL), rank 0 must exit with a clear error, not
+    wait forever."""
     out, timeout = tmp_path / "run", 4
-    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    cmd = [sys.executable, "-m", "gpt2lib.train", *CLI, "--max-steps", "100000", "--dist-timeout", str(timeout),
-           "--out", str(out)]
-    rank1 = subprocess.Popen(cmd, env={**env, "RANK": "1", "LOCAL_RANK": "1"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rank0 = subprocess.Popen(cmd, env={**env, "RANK": "0", "LOCAL_RANK": "0"},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **ENV,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "gpt2lib.train",
+        *CLI,
+        "--max-steps",
+        "100000",
+        "--dist-timeout",
+        str(timeout),
+        "--out",
+        str(out),
+    ]
+    rank1 = subprocess.Popen(
+        cmd,
+        env={**env, "RANK": "1", "LOCAL_RANK": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    rank0 = subprocess.Popen(
+        cmd,
+        env={**env, "RANK": "0", "LOCAL_RANK": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not ((out / "log.jsonl").exists() and len(log(out)[0]) >= 1):
-            assert rank0.poll() is None and rank1.poll() is None, rank0.stderr.read() if rank0.poll() else ""
+        while time.time() < deadline and not (
+            (out / "log.jsonl").exists() and len(log(out)[0]) >= 1
+        ):
+            assert rank0.poll() is None and rank1.poll() is None, (
+                rank0.stderr.read() if rank0.poll() else ""
+            )
             time.sleep(0.2)
         rank1.send_signal(signal.SIGSTOP if failure == "hangs" else signal.SIGKILL)
         t0 = time.time()
@@ -171,5 +249,8 @@ def test_a_lost_rank_stops_the_other_with_a_clear_message(tmp_path, failure):
             proc.wait()
     assert rank0.returncode != 0
     assert "Traceback" not in stderr, stderr
-    assert "error: rank 0 of 2 lost contact with the other ranks" in stderr and "--dist-timeout" in stderr, stderr
+    assert (
+        "error: rank 0 of 2 lost contact with the other ranks" in stderr
+        and "--dist-timeout" in stderr
+    ), stderr
     assert waited < timeout + 30

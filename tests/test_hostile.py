@@ -1,8 +1,10 @@
-"""Every command used as a hostile user would: wrong values, missing and corrupt files, a full
-disk, a diverging run, two processes on one directory, Ctrl-C. Each case must end with a
-non-zero exit status and one line that names the problem, and leave everything on disk as it
-was. Most cases call a command's `main` in this process (the same code a console script runs,
-without a second's start-up each); the last ones run real processes."""
+"""Every command used as a hostile user would: wrong values, missing and corrupt files,
+a full disk, a diverging run, two processes on one directory, Ctrl-C. Each case must end
+with a non-zero exit status and one line that names the problem, and leave everything on
+disk as it was. Most cases call a command's `main` in this process (the same code a
+console script runs, without a second's start-up each); the last ones run real
+processes."""
+
 import errno
 import gzip
 import hashlib
@@ -30,12 +32,19 @@ from gpt2lib.train import PRESETS, train
 
 SMOKE = PRESETS["smoke"]
 HANDMADE = str(files("gpt2lib") / "assets" / "hellaswag_handmade.jsonl")
-COMMANDS = {"train": train_module.main, "sample": sample.main, "evaluate": evaluate.main,
-            "export_hf": export_hf.main, "fineweb": fineweb.main, "bench": bench.main}
+COMMANDS = {
+    "train": train_module.main,
+    "sample": sample.main,
+    "evaluate": evaluate.main,
+    "export_hf": export_hf.main,
+    "fineweb": fineweb.main,
+    "bench": bench.main,
+}
 
 
 def snapshot(root: Path) -> dict:
-    "Every file and directory under `root` with a hash of its contents (the lock file aside)."
+    """Every file and directory under `root` with a hash of its contents (the lock file
+    aside)."""
     if not root.exists():
         return {}
     state = {}
@@ -43,17 +52,22 @@ def snapshot(root: Path) -> dict:
         if path.name == ".lock":
             continue
         key = str(path.relative_to(root))
-        state[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        state[key] = (
+            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        )
     return state
 
 
 def run(command: str, args: list, capsys) -> tuple[int, str]:
-    "(exit status, the message it ended with) of a command's main, as its process would end."
+    """(exit status, the message it ended with) of a command's main, as its process
+    would end."""
     try:
         status = COMMANDS[command]([str(a) for a in args]) or 0
         message = ""
     except SystemExit as exit:
-        if isinstance(exit.code, str):  # sys.exit("error: ..."): printed to stderr, status 1
+        if isinstance(
+            exit.code, str
+        ):  # sys.exit("error: ..."): printed to stderr, status 1
             status, message = 1, exit.code
         else:
             status, message = exit.code or 0, ""
@@ -64,8 +78,12 @@ def run(command: str, args: list, capsys) -> tuple[int, str]:
 
 
 def measured(run_dir: Path) -> list:
-    "What a run's log measured, step by step (timings aside): equal for a resumed and an uninterrupted run."
-    return [(e["step"], e.get("loss"), e.get("val_loss")) for e in read_log(run_dir / "log.jsonl")]
+    """What a run's log measured, step by step (timings aside): equal for a resumed and
+    an uninterrupted run."""
+    return [
+        (e["step"], e.get("loss"), e.get("val_loss"))
+        for e in read_log(run_dir / "log.jsonl")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +117,19 @@ def world(tmp_path, finished_run, stopped_run):
     np.save(tmp_path / "only_val" / "x_val_000.npy", np.arange(5000, dtype=np.uint16))
     places["ONLY_VAL"] = tmp_path / "only_val"
     (tmp_path / "big_ids").mkdir()
-    np.save(tmp_path / "big_ids" / "x_train_001.npy", np.full(5000, 60000, dtype=np.uint16))  # > vocab_size
+    np.save(
+        tmp_path / "big_ids" / "x_train_001.npy", np.full(5000, 60000, dtype=np.uint16)
+    )  # > vocab_size
     places["BIG_IDS"] = tmp_path / "big_ids"
     (tmp_path / "corrupt.pt").write_bytes(b"\x80\x04 not a checkpoint")
     places["CORRUPT_PT"] = tmp_path / "corrupt.pt"
     (tmp_path / "empty_dir").mkdir()
     places["EMPTY_DIR"] = tmp_path / "empty_dir"
-    for name in ("log.jsonl", "samples.jsonl", "summary.json"):  # an earlier run's files, no checkpoint
+    for name in (
+        "log.jsonl",
+        "samples.jsonl",
+        "summary.json",
+    ):  # an earlier run's files, no checkpoint
         (tmp_path / f"has_{name}").mkdir()
         (tmp_path / f"has_{name}" / name).write_text('{"step": 0, "loss": 10.0}\n')
         places[f"HAS_{name}"] = tmp_path / f"has_{name}"
@@ -127,18 +151,31 @@ def world(tmp_path, finished_run, stopped_run):
     places["NONEMPTY"] = tmp_path / "nonempty"
     hf = tmp_path / "hf"
     export_hf.main([str(places["RUN"]), str(hf)])
-    for name, change in {"hf_truncated": lambda d: (d / "model.safetensors").write_bytes(
-                             (d / "model.safetensors").read_bytes()[:10000]),
-                         "hf_config_list": lambda d: (d / "config.json").write_text("[1, 2]"),
-                         "hf_config_not_json": lambda d: (d / "config.json").write_text("{n_layer: 2"),
-                         "hf_config_no_layers": lambda d: (d / "config.json").write_text(json.dumps(
-                             {k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "n_layer"})),
-                         "hf_config_text_width": lambda d: (d / "config.json").write_text(json.dumps(
-                             {**json.loads((d / "config.json").read_text()), "n_embd": "32"}))}.items():
+    for name, change in {
+        "hf_truncated": lambda d: (d / "model.safetensors").write_bytes(
+            (d / "model.safetensors").read_bytes()[:10000]
+        ),
+        "hf_config_list": lambda d: (d / "config.json").write_text("[1, 2]"),
+        "hf_config_not_json": lambda d: (d / "config.json").write_text("{n_layer: 2"),
+        "hf_config_no_layers": lambda d: (d / "config.json").write_text(
+            json.dumps(
+                {
+                    k: v
+                    for k, v in json.loads((d / "config.json").read_text()).items()
+                    if k != "n_layer"
+                }
+            )
+        ),
+        "hf_config_text_width": lambda d: (d / "config.json").write_text(
+            json.dumps({**json.loads((d / "config.json").read_text()), "n_embd": "32"})
+        ),
+    }.items():
         shutil.copytree(hf, tmp_path / name)
         change(tmp_path / name)
         places[name.upper()] = tmp_path / name
-    not_a_state = tmp_path / "list_ckpt"  # a torch file that is not a checkpoint, the only one of a run
+    not_a_state = (
+        tmp_path / "list_ckpt"
+    )  # a torch file that is not a checkpoint, the only one of a run
     not_a_state.mkdir()
     torch.save([1, 2, 3], not_a_state / "ckpt_0000004.pt")
     (not_a_state / "log.jsonl").write_text('{"step": 0, "loss": 10.0}\n')
@@ -154,21 +191,45 @@ def world(tmp_path, finished_run, stopped_run):
     (dir_log / "samples.jsonl").unlink(missing_ok=True)
     (dir_log / "samples.jsonl").mkdir()
     places["DIR_SAMPLES"] = dir_log
-    whole = gzip.compress("".join(json.dumps({"text": f"{i} {i * 7919 % 10007}"}) + "\n" for i in range(3000)).encode())
-    (tmp_path / "truncated.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # a download cut in the middle
+    whole = gzip.compress(
+        "".join(
+            json.dumps({"text": f"{i} {i * 7919 % 10007}"}) + "\n" for i in range(3000)
+        ).encode()
+    )
+    (tmp_path / "truncated.jsonl.gz").write_bytes(
+        whole[: len(whole) // 2]
+    )  # a download cut in the middle
     places["TRUNCATED_GZ"] = tmp_path / "truncated.jsonl.gz"
     (tmp_path / "plain.jsonl.gz").write_text('{"text": "not gzipped"}\n')
     places["NOT_GZ"] = tmp_path / "plain.jsonl.gz"
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     places["LATIN1"] = tmp_path / "latin1.jsonl"
-    (tmp_path / "empty_endings.jsonl").write_text(json.dumps({"ctx": "A man", "endings": ["", "", "", ""], "label": 0}))
+    (tmp_path / "empty_endings.jsonl").write_text(
+        json.dumps({"ctx": "A man", "endings": ["", "", "", ""], "label": 0})
+    )
     places["EMPTY_ENDINGS"] = tmp_path / "empty_endings.jsonl"
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": f"document {i} " * 20, "body": f"other {i}"}) + "\n" for i in range(40)))
+    docs.write_text(
+        "".join(
+            json.dumps({"text": f"document {i} " * 20, "body": f"other {i}"}) + "\n"
+            for i in range(40)
+        )
+    )
     places["DOCS"] = docs
     shards = tmp_path / "shards"
-    fineweb.main(["--out", str(shards), "--local", str(docs), "--shard-size", "500", "--workers", "1",
-                  "--no-progress"])
+    fineweb.main(
+        [
+            "--out",
+            str(shards),
+            "--local",
+            str(docs),
+            "--shard-size",
+            "500",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     places["SHARDS"] = shards
     return places
 
@@ -176,143 +237,533 @@ def world(tmp_path, finished_run, stopped_run):
 # (command, arguments, exit status, fragments of the last line)
 CASES = {
     # settings out of range: refused before anything is read, built or written
-    "batch size 0": ("train", ["--preset", "smoke", "--out", "OUT", "--batch-size", "0"], 1,
-                     ["batch_size = 0", "at least 1", "--batch-size"]),
-    "lr nan": ("train", ["--preset", "smoke", "--out", "OUT", "--max-lr", "nan"], 1, ["max_lr = nan", "finite"]),
-    "lr negative": ("train", ["--preset", "smoke", "--out", "OUT", "--max-lr=-1e-3"], 1, ["max_lr", "above 0"]),
-    "keep no checkpoint": ("train", ["--preset", "smoke", "--out", "OUT", "--keep-checkpoints", "-1"], 1,
-                           ["keep_checkpoints = -1", "at least 1"]),
-    "no validation batch": ("train", ["--preset", "smoke", "--out", "OUT", "--eval-batches", "0"], 1,
-                            ["eval_batches = 0"]),
-    "budget not divisible": ("train", ["--preset", "smoke", "--out", "OUT", "--total-batch-size", "1000"], 1,
-                             ["total_batch_size = 1000", "multiple of"]),
-    "warm-up longer than run": ("train", ["--preset", "smoke", "--out", "OUT", "--warmup-steps", "500"], 1,
-                                ["warmup_steps = 500", "at most max_steps"]),
-    "fraction out of range": ("train", ["--preset", "smoke", "--out", "OUT", "--val-fraction", "1.5"], 1,
-                              ["val_fraction = 1.5"]),
-    "prompt too long": ("train", ["--preset", "smoke", "--out", "OUT", "--sample-prompt", "word " * 40], 1,
-                        ["sample_prompt", "block_size=32"]),
-    "vocabulary too small": ("train", ["--preset", "smoke", "--out", "OUT", "--vocab-size", "1000"], 1,
-                             ["vocab_size = 1000", "whole vocabulary"]),
-    "heads do not divide": ("train", ["--preset", "smoke", "--out", "OUT", "--n-head", "3"], 1,
-                            ["divisible by n_head = 3"]),
-    "negative seed": ("train", ["--preset", "smoke", "--out", "OUT", "--seed", "-1"], 1, ["seed = -1"]),
-    "missing hellaswag": ("train", ["--preset", "smoke", "--out", "OUT", "--hellaswag", "TMP/none.jsonl"], 1,
-                          ["hellaswag", "existing .jsonl"]),
-    "not a number": ("train", ["--preset", "smoke", "--out", "OUT", "--batch-size", "four"], 2,
-                     ["--batch-size", "invalid int value"]),
-    "stop after 0": ("train", ["--preset", "smoke", "--out", "OUT", "--stop-after", "0"], 2, ["--stop-after"]),
-    "negative timeout": ("train", ["--preset", "smoke", "--out", "OUT", "--dist-timeout", "-5"], 2,
-                         ["--dist-timeout"]),
-    "unknown preset": ("train", ["--preset", "gpt5", "--out", "OUT"], 2, ["invalid choice: 'gpt5'"]),
-    "unknown device": ("train", ["--preset", "smoke", "--out", "OUT", "--device", "tpu"], 1, ["'tpu' is not a device"]),
+    "batch size 0": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--batch-size", "0"],
+        1,
+        ["batch_size = 0", "at least 1", "--batch-size"],
+    ),
+    "lr nan": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--max-lr", "nan"],
+        1,
+        ["max_lr = nan", "finite"],
+    ),
+    "lr negative": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--max-lr=-1e-3"],
+        1,
+        ["max_lr", "above 0"],
+    ),
+    "keep no checkpoint": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--keep-checkpoints", "-1"],
+        1,
+        ["keep_checkpoints = -1", "at least 1"],
+    ),
+    "no validation batch": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--eval-batches", "0"],
+        1,
+        ["eval_batches = 0"],
+    ),
+    "budget not divisible": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--total-batch-size", "1000"],
+        1,
+        ["total_batch_size = 1000", "multiple of"],
+    ),
+    "warm-up longer than run": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--warmup-steps", "500"],
+        1,
+        ["warmup_steps = 500", "at most max_steps"],
+    ),
+    "fraction out of range": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--val-fraction", "1.5"],
+        1,
+        ["val_fraction = 1.5"],
+    ),
+    "prompt too long": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--sample-prompt", "word " * 40],
+        1,
+        ["sample_prompt", "block_size=32"],
+    ),
+    "vocabulary too small": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--vocab-size", "1000"],
+        1,
+        ["vocab_size = 1000", "whole vocabulary"],
+    ),
+    "heads do not divide": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--n-head", "3"],
+        1,
+        ["divisible by n_head = 3"],
+    ),
+    "negative seed": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--seed", "-1"],
+        1,
+        ["seed = -1"],
+    ),
+    "missing hellaswag": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--hellaswag", "TMP/none.jsonl"],
+        1,
+        ["hellaswag", "existing .jsonl"],
+    ),
+    "not a number": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--batch-size", "four"],
+        2,
+        ["--batch-size", "invalid int value"],
+    ),
+    "stop after 0": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--stop-after", "0"],
+        2,
+        ["--stop-after"],
+    ),
+    "negative timeout": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--dist-timeout", "-5"],
+        2,
+        ["--dist-timeout"],
+    ),
+    "unknown preset": (
+        "train",
+        ["--preset", "gpt5", "--out", "OUT"],
+        2,
+        ["invalid choice: 'gpt5'"],
+    ),
+    "unknown device": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--device", "tpu"],
+        1,
+        ["'tpu' is not a device"],
+    ),
     # data: refused before the run directory is touched
-    "missing data": ("train", ["--preset", "smoke", "--out", "OUT", "--data", "TMP/nowhere"], 1,
-                     ["no training data at", "gpt2lib.fineweb"]),
-    "wrong dtype": ("train", ["--preset", "smoke", "--out", "OUT", "--data", "INT64"], 1, ["int64.npy", "uint16"]),
-    "data shorter than a batch": ("train", ["--preset", "smoke", "--out", "OUT", "--data", "SHORT"], 1,
-                                  ["shorter than one batch"]),
-    "only validation shards": ("train", ["--preset", "smoke", "--out", "OUT", "--data", "ONLY_VAL"], 1,
-                               ["only validation shards"]),
-    "ids beyond the vocabulary": ("train", ["--preset", "smoke", "--out", "OUT", "--data", "BIG_IDS"], 1,
-                                  ["x_train_001.npy", "token id 60000", "vocab_size 50257"]),
-    "more validation than data": ("train", ["--preset", "smoke", "--out", "OUT", "--eval-batches", "100000"], 1,
-                                  ["eval_batches = 100000", "more than the validation data holds"]),
+    "missing data": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--data", "TMP/nowhere"],
+        1,
+        ["no training data at", "gpt2lib.fineweb"],
+    ),
+    "wrong dtype": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--data", "INT64"],
+        1,
+        ["int64.npy", "uint16"],
+    ),
+    "data shorter than a batch": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--data", "SHORT"],
+        1,
+        ["shorter than one batch"],
+    ),
+    "only validation shards": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--data", "ONLY_VAL"],
+        1,
+        ["only validation shards"],
+    ),
+    "ids beyond the vocabulary": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--data", "BIG_IDS"],
+        1,
+        ["x_train_001.npy", "token id 60000", "vocab_size 50257"],
+    ),
+    "more validation than data": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--eval-batches", "100000"],
+        1,
+        ["eval_batches = 100000", "more than the validation data holds"],
+    ),
     # the run directory: an earlier run is never overwritten
-    "earlier log": ("train", ["--preset", "smoke", "--out", "HAS_log.jsonl"], 1, ["already holds a run (log.jsonl)",
-                                                                                  "no checkpoint to resume from"]),
-    "earlier samples": ("train", ["--preset", "smoke", "--out", "HAS_samples.jsonl"], 1, ["samples.jsonl"]),
-    "earlier summary": ("train", ["--preset", "smoke", "--out", "HAS_summary.json"], 1, ["summary.json"]),
-    "earlier checkpoints": ("train", ["--preset", "smoke", "--out", "CKPTS_ONLY"], 1, ["already holds checkpoints"]),
-    "finished run": ("train", ["--preset", "smoke", "--out", "RUN"], 1, ["already holds a run"]),
-    "out is a file": ("train", ["--preset", "smoke", "--out", "FILE"], 1, ["cannot write to --out"]),
-    "out under a file": ("train", ["--preset", "smoke", "--out", "FILE/run"], 1, ["cannot write to --out"]),
-    "resume, other settings": ("train", ["--preset", "smoke", "--out", "RUN", "--resume", "--max-lr", "0.01"], 1,
-                               ["different settings (max_lr)"]),
-    "resume, no readable checkpoint": ("train", ["--preset", "smoke", "--out", "ALL_CORRUPT", "--resume"], 1,
-                                       ["none of the 2 checkpoints"]),
-    "resume, damaged log": ("train", ["--preset", "smoke", "--out", "DAMAGED_LOG", "--resume"], 1,
-                            ["log.jsonl, line 3: not a log entry"]),
-    "resume, a log but no checkpoint": ("train", ["--preset", "smoke", "--out", "HAS_log.jsonl", "--resume"], 1,
-                                        ["already holds a run (log.jsonl)", "no checkpoint to resume from"]),
-    "timeout inf": ("train", ["--preset", "smoke", "--out", "OUT", "--dist-timeout", "inf"], 2, ["--dist-timeout"]),
-    "HellaSwag endings too long": ("train", ["--preset", "smoke", "--out", "OUT", "--block-size", "8",
-                                             "--hellaswag", HANDMADE], 1, ["HellaSwag examples have an ending too long",
-                                                                           "block_size 8"]),
+    "earlier log": (
+        "train",
+        ["--preset", "smoke", "--out", "HAS_log.jsonl"],
+        1,
+        ["already holds a run (log.jsonl)", "no checkpoint to resume from"],
+    ),
+    "earlier samples": (
+        "train",
+        ["--preset", "smoke", "--out", "HAS_samples.jsonl"],
+        1,
+        ["samples.jsonl"],
+    ),
+    "earlier summary": (
+        "train",
+        ["--preset", "smoke", "--out", "HAS_summary.json"],
+        1,
+        ["summary.json"],
+    ),
+    "earlier checkpoints": (
+        "train",
+        ["--preset", "smoke", "--out", "CKPTS_ONLY"],
+        1,
+        ["already holds checkpoints"],
+    ),
+    "finished run": (
+        "train",
+        ["--preset", "smoke", "--out", "RUN"],
+        1,
+        ["already holds a run"],
+    ),
+    "out is a file": (
+        "train",
+        ["--preset", "smoke", "--out", "FILE"],
+        1,
+        ["cannot write to --out"],
+    ),
+    "out under a file": (
+        "train",
+        ["--preset", "smoke", "--out", "FILE/run"],
+        1,
+        ["cannot write to --out"],
+    ),
+    "resume, other settings": (
+        "train",
+        ["--preset", "smoke", "--out", "RUN", "--resume", "--max-lr", "0.01"],
+        1,
+        ["different settings (max_lr)"],
+    ),
+    "resume, no readable checkpoint": (
+        "train",
+        ["--preset", "smoke", "--out", "ALL_CORRUPT", "--resume"],
+        1,
+        ["none of the 2 checkpoints"],
+    ),
+    "resume, damaged log": (
+        "train",
+        ["--preset", "smoke", "--out", "DAMAGED_LOG", "--resume"],
+        1,
+        ["log.jsonl, line 3: not a log entry"],
+    ),
+    "resume, a log but no checkpoint": (
+        "train",
+        ["--preset", "smoke", "--out", "HAS_log.jsonl", "--resume"],
+        1,
+        ["already holds a run (log.jsonl)", "no checkpoint to resume from"],
+    ),
+    "timeout inf": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--dist-timeout", "inf"],
+        2,
+        ["--dist-timeout"],
+    ),
+    "HellaSwag endings too long": (
+        "train",
+        [
+            "--preset",
+            "smoke",
+            "--out",
+            "OUT",
+            "--block-size",
+            "8",
+            "--hellaswag",
+            HANDMADE,
+        ],
+        1,
+        ["HellaSwag examples have an ending too long", "block_size 8"],
+    ),
     # the other commands take the same model specifications, with the same errors
-    "sample, missing model": ("sample", ["--model", "TMP/nowhere"], 1, ["neither a directory nor a released"]),
-    "sample, corrupt checkpoint": ("sample", ["--model", "CORRUPT_PT"], 1, ["cannot load as a checkpoint"]),
-    "sample, empty run directory": ("sample", ["--model", "EMPTY_DIR"], 1, ["holds neither an HF-format model"]),
-    "sample, prompt too long": ("sample", ["--model", "RUN", "--prompt", "word " * 40, "--device", "cpu"], 1,
-                                ["41 tokens long", "block_size=32"]),
-    "sample, 0 samples": ("sample", ["--model", "RUN", "--num-samples", "0"], 2, ["--num-samples must be 1 to 10,000"]),
-    "sample, temperature 0": ("sample", ["--model", "RUN", "--temperature", "0"], 2, ["--temperature must be above 0"]),
-    "sample, unknown device": ("sample", ["--model", "RUN", "--device", "tpu"], 1, ["'tpu' is not a device"]),
-    "evaluate, missing model": ("evaluate", ["--model", "TMP/nowhere", "--val", "SHARDS"], 1, ["nowhere"]),
-    "evaluate, 0 batches": ("evaluate", ["--model", "RUN", "--val", "SHARDS", "--val-batches", "0"], 2,
-                            ["--val-batches must be at least 1"]),
-    "evaluate, too many batches": ("evaluate", ["--model", "RUN", "--val", "SHARDS", "--val-batches", "1000",
-                                                "--device", "cpu"], 1, ["--val-batches 1000 is more than"]),
-    "evaluate, sequence too long": ("evaluate", ["--model", "RUN", "--val", "SHARDS", "--seq-len", "999",
-                                                 "--device", "cpu"], 1, ["--seq-len 999 is longer"]),
-    "export, into a non-empty directory": ("export_hf", ["RUN", "NONEMPTY"], 1, ["is not empty", "--force"]),
-    "export, onto a file": ("export_hf", ["RUN", "FILE"], 1, ["exists and is not a directory"]),
-    "export, corrupt checkpoint": ("export_hf", ["CORRUPT_PT", "OUT"], 1, ["cannot load as a checkpoint"]),
-    "fineweb, 0 workers": ("fineweb", ["--out", "OUT", "--local", "DOCS", "--workers", "0"], 2, ["--workers"]),
-    "fineweb, missing input": ("fineweb", ["--out", "OUT", "--local", "TMP/none.jsonl"], 1, ["no such file"]),
-    "fineweb, resume with another field": ("fineweb", ["--out", "SHARDS", "--local", "DOCS", "--shard-size", "500",
-                                                       "--text-field", "body", "--workers", "1"], 1,
-                                           ["text_field='text' (now 'body')"]),
-    "fineweb, verify a non-shard dir": ("fineweb", ["--out", "EMPTY_DIR", "--verify"], 1, ["manifest.json"]),
-    "sample, damaged safetensors": ("sample", ["--model", "HF_TRUNCATED", "--device", "cpu"], 1,
-                                    ["model.safetensors: cannot be read", "damaged or incomplete"]),
-    "evaluate, damaged safetensors": ("evaluate", ["--model", "HF_TRUNCATED", "--hellaswag", HANDMADE], 1,
-                                      ["model.safetensors: cannot be read"]),
-    "export, damaged safetensors": ("export_hf", ["HF_TRUNCATED", "OUT"], 1, ["model.safetensors: cannot be read"]),
-    "sample, config a list": ("sample", ["--model", "HF_CONFIG_LIST"], 1, ["config.json: expected a JSON object"]),
-    "sample, config not JSON": ("sample", ["--model", "HF_CONFIG_NOT_JSON"], 1, ["config.json: not a JSON config"]),
-    "sample, config without n_layer": ("sample", ["--model", "HF_CONFIG_NO_LAYERS"], 1, ["config.json: n_layer=None"]),
-    "sample, config with text width": ("sample", ["--model", "HF_CONFIG_TEXT_WIDTH"], 1, ["n_embd='32'"]),
-    "sample, a log as the model": ("sample", ["--model", "RUN/log.jsonl"], 1, ["log.jsonl: cannot load as a checkpoint",
-                                                                             "not a checkpoint written by"]),
-    "sample, 10^11 samples": ("sample", ["--model", "RUN", "--num-samples", "100000000000"], 2, ["1 to 10,000"]),
-    "sample, endless tokens": ("sample", ["--model", "RUN", "--max-new-tokens", "10" + "0" * 30], 2, ["0 to 100,000"]),
-    "sample, seed too large": ("sample", ["--model", "RUN", "--seed", "9" * 25], 2, ["--seed must be 0 to 2**63"]),
-    "resume, only a torch list": ("train", ["--preset", "smoke", "--out", "LIST_CKPT", "--resume"], 1,
-                                  ["none of the 1 checkpoints"]),
-    "resume, checkpoint without loader": ("train", ["--preset", "smoke", "--out", "NO_LOADER", "--resume"], 1,
-                                          ["none of the 1 checkpoints"]),
-    "resume, samples is a directory": ("train", ["--preset", "smoke", "--out", "DIR_SAMPLES", "--resume"], 1,
-                                       ["samples.jsonl is not a file"]),
+    "sample, missing model": (
+        "sample",
+        ["--model", "TMP/nowhere"],
+        1,
+        ["neither a directory nor a released"],
+    ),
+    "sample, corrupt checkpoint": (
+        "sample",
+        ["--model", "CORRUPT_PT"],
+        1,
+        ["cannot load as a checkpoint"],
+    ),
+    "sample, empty run directory": (
+        "sample",
+        ["--model", "EMPTY_DIR"],
+        1,
+        ["holds neither an HF-format model"],
+    ),
+    "sample, prompt too long": (
+        "sample",
+        ["--model", "RUN", "--prompt", "word " * 40, "--device", "cpu"],
+        1,
+        ["41 tokens long", "block_size=32"],
+    ),
+    "sample, 0 samples": (
+        "sample",
+        ["--model", "RUN", "--num-samples", "0"],
+        2,
+        ["--num-samples must be 1 to 10,000"],
+    ),
+    "sample, temperature 0": (
+        "sample",
+        ["--model", "RUN", "--temperature", "0"],
+        2,
+        ["--temperature must be above 0"],
+    ),
+    "sample, unknown device": (
+        "sample",
+        ["--model", "RUN", "--device", "tpu"],
+        1,
+        ["'tpu' is not a device"],
+    ),
+    "evaluate, missing model": (
+        "evaluate",
+        ["--model", "TMP/nowhere", "--val", "SHARDS"],
+        1,
+        ["nowhere"],
+    ),
+    "evaluate, 0 batches": (
+        "evaluate",
+        ["--model", "RUN", "--val", "SHARDS", "--val-batches", "0"],
+        2,
+        ["--val-batches must be at least 1"],
+    ),
+    "evaluate, too many batches": (
+        "evaluate",
+        [
+            "--model",
+            "RUN",
+            "--val",
+            "SHARDS",
+            "--val-batches",
+            "1000",
+            "--device",
+            "cpu",
+        ],
+        1,
+        ["--val-batches 1000 is more than"],
+    ),
+    "evaluate, sequence too long": (
+        "evaluate",
+        ["--model", "RUN", "--val", "SHARDS", "--seq-len", "999", "--device", "cpu"],
+        1,
+        ["--seq-len 999 is longer"],
+    ),
+    "export, into a non-empty directory": (
+        "export_hf",
+        ["RUN", "NONEMPTY"],
+        1,
+        ["is not empty", "--force"],
+    ),
+    "export, onto a file": (
+        "export_hf",
+        ["RUN", "FILE"],
+        1,
+        ["exists and is not a directory"],
+    ),
+    "export, corrupt checkpoint": (
+        "export_hf",
+        ["CORRUPT_PT", "OUT"],
+        1,
+        ["cannot load as a checkpoint"],
+    ),
+    "fineweb, 0 workers": (
+        "fineweb",
+        ["--out", "OUT", "--local", "DOCS", "--workers", "0"],
+        2,
+        ["--workers"],
+    ),
+    "fineweb, missing input": (
+        "fineweb",
+        ["--out", "OUT", "--local", "TMP/none.jsonl"],
+        1,
+        ["no such file"],
+    ),
+    "fineweb, resume with another field": (
+        "fineweb",
+        [
+            "--out",
+            "SHARDS",
+            "--local",
+            "DOCS",
+            "--shard-size",
+            "500",
+            "--text-field",
+            "body",
+            "--workers",
+            "1",
+        ],
+        1,
+        ["text_field='text' (now 'body')"],
+    ),
+    "fineweb, verify a non-shard dir": (
+        "fineweb",
+        ["--out", "EMPTY_DIR", "--verify"],
+        1,
+        ["manifest.json"],
+    ),
+    "sample, damaged safetensors": (
+        "sample",
+        ["--model", "HF_TRUNCATED", "--device", "cpu"],
+        1,
+        ["model.safetensors: cannot be read", "damaged or incomplete"],
+    ),
+    "evaluate, damaged safetensors": (
+        "evaluate",
+        ["--model", "HF_TRUNCATED", "--hellaswag", HANDMADE],
+        1,
+        ["model.safetensors: cannot be read"],
+    ),
+    "export, damaged safetensors": (
+        "export_hf",
+        ["HF_TRUNCATED", "OUT"],
+        1,
+        ["model.safetensors: cannot be read"],
+    ),
+    "sample, config a list": (
+        "sample",
+        ["--model", "HF_CONFIG_LIST"],
+        1,
+        ["config.json: expected a JSON object"],
+    ),
+    "sample, config not JSON": (
+        "sample",
+        ["--model", "HF_CONFIG_NOT_JSON"],
+        1,
+        ["config.json: not a JSON config"],
+    ),
+    "sample, config without n_layer": (
+        "sample",
+        ["--model", "HF_CONFIG_NO_LAYERS"],
+        1,
+        ["config.json: n_layer=None"],
+    ),
+    "sample, config with text width": (
+        "sample",
+        ["--model", "HF_CONFIG_TEXT_WIDTH"],
+        1,
+        ["n_embd='32'"],
+    ),
+    "sample, a log as the model": (
+        "sample",
+        ["--model", "RUN/log.jsonl"],
+        1,
+        ["log.jsonl: cannot load as a checkpoint", "not a checkpoint written by"],
+    ),
+    "sample, 10^11 samples": (
+        "sample",
+        ["--model", "RUN", "--num-samples", "100000000000"],
+        2,
+        ["1 to 10,000"],
+    ),
+    "sample, endless tokens": (
+        "sample",
+        ["--model", "RUN", "--max-new-tokens", "10" + "0" * 30],
+        2,
+        ["0 to 100,000"],
+    ),
+    "sample, seed too large": (
+        "sample",
+        ["--model", "RUN", "--seed", "9" * 25],
+        2,
+        ["--seed must be 0 to 2**63"],
+    ),
+    "resume, only a torch list": (
+        "train",
+        ["--preset", "smoke", "--out", "LIST_CKPT", "--resume"],
+        1,
+        ["none of the 1 checkpoints"],
+    ),
+    "resume, checkpoint without loader": (
+        "train",
+        ["--preset", "smoke", "--out", "NO_LOADER", "--resume"],
+        1,
+        ["none of the 1 checkpoints"],
+    ),
+    "resume, samples is a directory": (
+        "train",
+        ["--preset", "smoke", "--out", "DIR_SAMPLES", "--resume"],
+        1,
+        ["samples.jsonl is not a file"],
+    ),
     "empty --out": ("train", ["--preset", "smoke", "--out", ""], 1, ["--out is empty"]),
-    "padding beyond reason": ("train", ["--preset", "smoke", "--out", "OUT", "--pad-vocab-to", "1000000000000"], 1,
-                              ["pad_vocab_to = 1000000000000", "1 to 1024"]),
-    "model larger than memory": ("train", ["--preset", "smoke", "--out", "OUT", "--n-embd", "2000000", "--n-head", "1"], 1,
-                                 ["parameters", "more than this machine's memory"]),
-    "evaluate, empty endings": ("evaluate", ["--model", "RUN", "--hellaswag", "EMPTY_ENDINGS"], 1,
-                                ["line 1: endings must be a list of 4 non-empty texts"]),
-    "export under a file": ("export_hf", ["RUN", "FILE/sub"], 1, ["a_file is a file, not a directory"]),
-    "fineweb, truncated gzip": ("fineweb", ["--out", "OUT", "--local", "TRUNCATED_GZ", "--workers", "1"], 1,
-                                ["truncated.jsonl.gz: the gzip file is damaged or incomplete"]),
-    "fineweb, not gzip": ("fineweb", ["--out", "OUT", "--local", "NOT_GZ", "--workers", "1"], 1,
-                          ["plain.jsonl.gz: the gzip file is damaged"]),
-    "fineweb, not UTF-8": ("fineweb", ["--out", "OUT", "--local", "LATIN1", "--workers", "1"], 1,
-                           ["latin1.jsonl, line 2: not UTF-8 text"]),
-    "fineweb into a run directory": ("fineweb", ["--out", "RUN", "--local", "DOCS", "--workers", "1"], 1,
-                                     ["is not empty and holds no manifest.json"]),
-    "bench, 0 steps": ("bench", ["--steps", "0", "--device", "cpu"], 2, ["--steps must be at least 1"]),
-    "bench, unknown device": ("bench", ["--device", "tpu"], 2, ["'tpu' is not a device"]),
+    "padding beyond reason": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--pad-vocab-to", "1000000000000"],
+        1,
+        ["pad_vocab_to = 1000000000000", "1 to 1024"],
+    ),
+    "model larger than memory": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--n-embd", "2000000", "--n-head", "1"],
+        1,
+        ["parameters", "more than this machine's memory"],
+    ),
+    "evaluate, empty endings": (
+        "evaluate",
+        ["--model", "RUN", "--hellaswag", "EMPTY_ENDINGS"],
+        1,
+        ["line 1: endings must be a list of 4 non-empty texts"],
+    ),
+    "export under a file": (
+        "export_hf",
+        ["RUN", "FILE/sub"],
+        1,
+        ["a_file is a file, not a directory"],
+    ),
+    "fineweb, truncated gzip": (
+        "fineweb",
+        ["--out", "OUT", "--local", "TRUNCATED_GZ", "--workers", "1"],
+        1,
+        ["truncated.jsonl.gz: the gzip file is damaged or incomplete"],
+    ),
+    "fineweb, not gzip": (
+        "fineweb",
+        ["--out", "OUT", "--local", "NOT_GZ", "--workers", "1"],
+        1,
+        ["plain.jsonl.gz: the gzip file is damaged"],
+    ),
+    "fineweb, not UTF-8": (
+        "fineweb",
+        ["--out", "OUT", "--local", "LATIN1", "--workers", "1"],
+        1,
+        ["latin1.jsonl, line 2: not UTF-8 text"],
+    ),
+    "fineweb into a run directory": (
+        "fineweb",
+        ["--out", "RUN", "--local", "DOCS", "--workers", "1"],
+        1,
+        ["is not empty and holds no manifest.json"],
+    ),
+    "bench, 0 steps": (
+        "bench",
+        ["--steps", "0", "--device", "cpu"],
+        2,
+        ["--steps must be at least 1"],
+    ),
+    "bench, unknown device": (
+        "bench",
+        ["--device", "tpu"],
+        2,
+        ["'tpu' is not a device"],
+    ),
 }
 if not torch.cuda.is_available():
-    CASES["no GPU"] = ("train", ["--preset", "smoke", "--out", "OUT", "--device", "cuda"], 1, ["no CUDA GPU"])
+    CASES["no GPU"] = (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--device", "cuda"],
+        1,
+        ["no CUDA GPU"],
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_a_non_zero_exit_and_changes_nothing(case, world, capsys):
     command, args, expected_status, fragments = CASES[case]
     args = [str(world[a]) if a in world else a for a in args]
-    args = [a.replace("TMP/", f"{world['TMP']}/").replace("FILE/", f"{world['FILE']}/")
-            .replace("RUN/", f"{world['RUN']}/") for a in args]
+    args = [
+        a.replace("TMP/", f"{world['TMP']}/")
+        .replace("FILE/", f"{world['FILE']}/")
+        .replace("RUN/", f"{world['RUN']}/")
+        for a in args
+    ]
     if command == "train":
         args += ["--no-progress", *([] if "--device" in args else ["--device", "cpu"])]
     before = snapshot(world["TMP"])
@@ -321,28 +772,57 @@ def test_bad_input_is_one_line_a_non_zero_exit_and_changes_nothing(case, world, 
     assert "\n" not in message and "Traceback" not in message
     for fragment in fragments:
         assert fragment in message, message
-    assert snapshot(world["TMP"]) == before  # nothing lost, nothing changed, nothing half-written
+    assert (
+        snapshot(world["TMP"]) == before
+    )  # nothing lost, nothing changed, nothing half-written
 
 
 def test_resuming_a_finished_run_does_nothing_and_changes_nothing(world, capsys):
     before = snapshot(world["TMP"])
-    train_module.main(["--preset", "smoke", "--out", str(world["RUN"]), "--resume", "--device", "cpu", "--no-progress"])
-    assert "nothing to do" in capsys.readouterr().out  # and the exit status is 0: main returned
-    assert snapshot(world["TMP"]) == before  # summary.json keeps the provenance of the run that made it
+    train_module.main(
+        [
+            "--preset",
+            "smoke",
+            "--out",
+            str(world["RUN"]),
+            "--resume",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
+    assert (
+        "nothing to do" in capsys.readouterr().out
+    )  # and the exit status is 0: main returned
+    assert (
+        snapshot(world["TMP"]) == before
+    )  # summary.json keeps the provenance of the run that made it
 
 
 def test_a_second_command_on_a_directory_in_use_is_refused(world, capsys):
-    for command, args in [("train", ["--preset", "smoke", "--out", world["RUN"], "--resume", "--device", "cpu"]),
-                          ("fineweb", ["--out", world["SHARDS"], "--local", world["DOCS"], "--shard-size", "500"])]:
+    for command, args in [
+        (
+            "train",
+            ["--preset", "smoke", "--out", world["RUN"], "--resume", "--device", "cpu"],
+        ),
+        (
+            "fineweb",
+            ["--out", world["SHARDS"], "--local", world["DOCS"], "--shard-size", "500"],
+        ),
+    ]:
         target = args[args.index("--out") + 1]
         before = snapshot(world["TMP"])
         with lock_directory(target, "test"):  # as the first process would hold it
             status, message = run(command, args, capsys)
-        assert status == 1 and "is in use by another" in message and "pid " in message, message
+        assert (
+            status == 1 and "is in use by another" in message and "pid " in message
+        ), message
         assert snapshot(world["TMP"]) == before
 
 
-def test_a_full_disk_during_a_checkpoint_keeps_the_earlier_ones(tmp_path, monkeypatch, capsys):
+def test_a_full_disk_during_a_checkpoint_keeps_the_earlier_ones(
+    tmp_path, monkeypatch, capsys
+):
     real_save, saves = torch.save, []
 
     def fills_the_disk(obj, f):
@@ -353,16 +833,36 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_earlier_ones(tmp_path, monkey
         real_save(obj, f)
 
     monkeypatch.setattr(checkpoint_module.torch, "save", fills_the_disk)
-    status, message = run("train", ["--preset", "smoke", "--out", tmp_path / "run", "--device", "cpu",
-                                    "--no-progress"], capsys)
-    assert status == 1 and "checkpoint of step 6" in message and "No space left on device" in message
+    status, message = run(
+        "train",
+        [
+            "--preset",
+            "smoke",
+            "--out",
+            tmp_path / "run",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert (
+        status == 1
+        and "checkpoint of step 6" in message
+        and "No space left on device" in message
+    )
     assert "earlier checkpoints are kept" in message and "--resume" in message
-    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".") and p.name != ".lock"] == []
+    assert [
+        p.name
+        for p in (tmp_path / "run").iterdir()
+        if p.name.startswith(".") and p.name != ".lock"
+    ] == []
     assert read_checkpoint(list_checkpoints(tmp_path / "run")[-1])["step"] == 3
 
 
-def test_a_full_disk_during_a_log_append_stops_cleanly_and_resumes_exactly(tmp_path, finished_run, monkeypatch,
-                                                                          capsys):
+def test_a_full_disk_during_a_log_append_stops_cleanly_and_resumes_exactly(
+    tmp_path, finished_run, monkeypatch, capsys
+):
     real_open, appends = open, []
 
     def fills_the_disk(path, mode="r", *args, **kwargs):
@@ -373,9 +873,25 @@ def test_a_full_disk_during_a_log_append_stops_cleanly_and_resumes_exactly(tmp_p
         return real_open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(rundir, "open", fills_the_disk, raising=False)
-    status, message = run("train", ["--preset", "smoke", "--out", tmp_path / "run", "--device", "cpu",
-                                    "--no-progress"], capsys)
-    assert status == 1 and "cannot append to" in message and "No space left" in message and "--resume" in message
+    status, message = run(
+        "train",
+        [
+            "--preset",
+            "smoke",
+            "--out",
+            tmp_path / "run",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert (
+        status == 1
+        and "cannot append to" in message
+        and "No space left" in message
+        and "--resume" in message
+    )
     monkeypatch.undo()
     train(SMOKE, tmp_path / "run", device="cpu", resume=True, progress=False)
     assert measured(tmp_path / "run") == measured(finished_run)
@@ -384,16 +900,40 @@ def test_a_full_disk_during_a_log_append_stops_cleanly_and_resumes_exactly(tmp_p
 def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, finished_run, capsys):
     train(SMOKE, tmp_path, device="cpu", stop_after=3, progress=False)
     with open(tmp_path / "log.jsonl", "a") as f:
-        f.write('{"step": 3, "loss": 10.7')  # the disk filled up in the middle of this line
+        f.write(
+            '{"step": 3, "loss": 10.7'
+        )  # the disk filled up in the middle of this line
     train(SMOKE, tmp_path, device="cpu", resume=True, progress=False)
     assert "dropped an incomplete last line" in capsys.readouterr().err
     assert measured(tmp_path) == measured(finished_run)
 
 
-def test_a_diverging_run_stops_at_the_first_bad_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    status, message = run("train", ["--preset", "smoke", "--out", tmp_path, "--max-lr", "100", "--warmup-steps", "10",
-                                    "--max-steps", "40", "--checkpoint-every", "3", "--eval-every", "0",
-                                    "--device", "cpu", "--no-progress"], capsys)
+def test_a_diverging_run_stops_at_the_first_bad_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, capsys
+):
+    status, message = run(
+        "train",
+        [
+            "--preset",
+            "smoke",
+            "--out",
+            tmp_path,
+            "--max-lr",
+            "100",
+            "--warmup-steps",
+            "10",
+            "--max-steps",
+            "40",
+            "--checkpoint-every",
+            "3",
+            "--eval-every",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert status == 1 and "the run diverged" in message and "--max-lr" in message
     log = read_log(tmp_path / "log.jsonl")
     bad = log[-1]["step"]
@@ -401,27 +941,69 @@ def test_a_diverging_run_stops_at_the_first_bad_step_and_keeps_the_last_good_che
     assert all(np.isfinite([e["loss"], e["norm"]]).all() for e in log[:-1])
     saved = list_checkpoints(tmp_path)
     assert saved and f"the last checkpoint, {saved[-1].name}, is kept" in message
-    for path in saved:  # only finite weights were ever written, all from before the bad step
+    for (
+        path
+    ) in saved:  # only finite weights were ever written, all from before the bad step
         state = read_checkpoint(path)
-        assert state["step"] <= bad and all(torch.isfinite(t).all() for t in state["model"].values())
+        assert state["step"] <= bad and all(
+            torch.isfinite(t).all() for t in state["model"].values()
+        )
 
 
 # Real processes: what a shell sees.
 
+
 def test_two_trainers_on_one_directory(tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "gpt2lib.train", "--preset", "smoke", "--max-steps", "100000",
-                              "--out", str(out), "--no-progress", "--device", "cpu"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpt2lib.train",
+            "--preset",
+            "smoke",
+            "--max-steps",
+            "100000",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not ((out / "log.jsonl").exists() and len(read_log(out / "log.jsonl")) >= 2):
+        while time.time() < deadline and not (
+            (out / "log.jsonl").exists() and len(read_log(out / "log.jsonl")) >= 2
+        ):
             time.sleep(0.2)
-        second = subprocess.run([sys.executable, "-m", "gpt2lib.train", "--preset", "smoke", "--max-steps", "100000",
-                                 "--out", str(out), "--no-progress", "--device", "cpu", "--resume"],
-                                capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gpt2lib.train",
+                "--preset",
+                "smoke",
+                "--max-steps",
+                "100000",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--device",
+                "cpu",
+                "--resume",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 1 and "Traceback" not in second.stderr
-        assert f"is in use by another training run (pid {first.pid} on " in second.stderr
+        assert (
+            f"is in use by another training run (pid {first.pid} on " in second.stderr
+        )
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=120)
     finally:
@@ -431,39 +1013,88 @@ def test_two_trainers_on_one_directory(tmp_path):
     assert steps == list(range(len(steps)))  # one writer: no step twice, none missing
 
 
-@pytest.mark.parametrize("script, args, status", [
-    ("gpt2-train", ["--preset", "smoke", "--device", "tpu"], 1),
-    ("gpt2-sample", ["--model", "/no/such/model"], 1),
-    ("gpt2-evaluate", ["--model", "/no/such/model", "--hellaswag", "/no/such.jsonl"], 1),
-    ("gpt2-export-hf", ["/no/such/model", "OUT"], 1),
-    ("gpt2-fineweb", ["--out", "OUT", "--local", "/no/such.jsonl"], 1),
-    ("gpt2-bench", ["--steps", "0"], 2),
-])
+@pytest.mark.parametrize(
+    "script, args, status",
+    [
+        ("gpt2-train", ["--preset", "smoke", "--device", "tpu"], 1),
+        ("gpt2-sample", ["--model", "/no/such/model"], 1),
+        (
+            "gpt2-evaluate",
+            ["--model", "/no/such/model", "--hellaswag", "/no/such.jsonl"],
+            1,
+        ),
+        ("gpt2-export-hf", ["/no/such/model", "OUT"], 1),
+        ("gpt2-fineweb", ["--out", "OUT", "--local", "/no/such.jsonl"], 1),
+        ("gpt2-bench", ["--steps", "0"], 2),
+    ],
+)
 def test_console_scripts_end_bad_input_in_one_line(script, args, status, tmp_path):
     args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
-    result = subprocess.run([str(Path(sys.executable).parent / script), *args], capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path)
-    assert result.returncode == status and "Traceback" not in result.stderr, result.stderr
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == status and "Traceback" not in result.stderr, (
+        result.stderr
+    )
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith(f"{script}: error: " if status == 2 else "error: ") and (status == 2 or len(lines) == 1)
+    assert lines[-1].startswith(
+        f"{script}: error: " if status == 2 else "error: "
+    ) and (status == 2 or len(lines) == 1)
     assert not (tmp_path / "out").exists()
 
 
 def test_ctrl_c_stops_fineweb_workers_promptly_and_the_rerun_resumes(tmp_path):
-    "Seen before: with several workers, Ctrl-C sometimes hung in Pool.terminate or printed worker tracebacks."
+    """Seen before: with several workers, Ctrl-C sometimes hung in Pool.terminate or
+    printed worker tracebacks."""
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": f"document {i}: " + "words and more words " * 300}) + "\n"
-                            for i in range(3000)))
-    command = [sys.executable, "-m", "gpt2lib.fineweb", "--out", str(tmp_path / "shards"), "--local", str(docs),
-               "--shard-size", "50000", "--workers", "2", "--no-progress"]
-    for attempt in range(3):  # a terminal's Ctrl-C reaches the whole process group, workers included
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+    docs.write_text(
+        "".join(
+            json.dumps({"text": f"document {i}: " + "words and more words " * 300})
+            + "\n"
+            for i in range(3000)
+        )
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "gpt2lib.fineweb",
+        "--out",
+        str(tmp_path / "shards"),
+        "--local",
+        str(docs),
+        "--shard-size",
+        "50000",
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
+    for attempt in range(
+        3
+    ):  # a terminal's Ctrl-C reaches the whole process group, workers included
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         deadline = time.time() + 60
         manifest = tmp_path / "shards" / "manifest.json"
-        shards_before = len(json.loads(manifest.read_text())["shards"]) if manifest.exists() else 0
-        while time.time() < deadline and proc.poll() is None and (
-                not manifest.exists() or len(json.loads(manifest.read_text())["shards"]) <= shards_before):
+        shards_before = (
+            len(json.loads(manifest.read_text())["shards"]) if manifest.exists() else 0
+        )
+        while (
+            time.time() < deadline
+            and proc.poll() is None
+            and (
+                not manifest.exists()
+                or len(json.loads(manifest.read_text())["shards"]) <= shards_before
+            )
+        ):
             time.sleep(0.05)
         if proc.poll() is not None:
             break  # finished before it could be interrupted
@@ -471,77 +1102,147 @@ def test_ctrl_c_stops_fineweb_workers_promptly_and_the_rerun_resumes(tmp_path):
         t0 = time.time()
         _, stderr = proc.communicate(timeout=30)  # a hang fails here
         assert time.time() - t0 < 10 and proc.returncode == 130, stderr
-        assert "Traceback" not in stderr and "rerun the same command to resume" in stderr
+        assert (
+            "Traceback" not in stderr and "rerun the same command to resume" in stderr
+        )
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    fresh = subprocess.run([*command[:4], str(tmp_path / "fresh"), *command[5:]], capture_output=True, text=True,
-                           timeout=300)
+    fresh = subprocess.run(
+        [*command[:4], str(tmp_path / "fresh"), *command[5:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert fresh.returncode == 0
     resumed = {p.name: p.read_bytes() for p in (tmp_path / "shards").glob("*.npy")}
     straight = {p.name: p.read_bytes() for p in (tmp_path / "fresh").glob("*.npy")}
-    assert resumed == straight  # stopped three times and resumed: the same shards as one run
+    assert (
+        resumed == straight
+    )  # stopped three times and resumed: the same shards as one run
 
 
-def test_a_failed_fineweb_run_does_not_bind_the_corrected_rerun(tmp_path, world, capsys):
+def test_a_failed_fineweb_run_does_not_bind_the_corrected_rerun(
+    tmp_path, world, capsys
+):
     out = tmp_path / "fw"
-    status, message = run("fineweb", ["--out", out, "--local", world["DOCS"], "--text-field", "content",
-                                      "--workers", "1"], capsys)
+    status, message = run(
+        "fineweb",
+        [
+            "--out",
+            out,
+            "--local",
+            world["DOCS"],
+            "--text-field",
+            "content",
+            "--workers",
+            "1",
+        ],
+        capsys,
+    )
     assert status == 1 and "not an object with a 'content' field" in message
-    status, message = run("fineweb", ["--out", out, "--local", world["DOCS"], "--shard-size", "500", "--workers", "1",
-                                      "--no-progress"], capsys)
+    status, message = run(
+        "fineweb",
+        [
+            "--out",
+            out,
+            "--local",
+            world["DOCS"],
+            "--shard-size",
+            "500",
+            "--workers",
+            "1",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert status == 0, message
-    assert {p.name: p.read_bytes() for p in out.glob("*.npy")} == \
-        {p.name: p.read_bytes() for p in world["SHARDS"].glob("*.npy")}
+    assert {p.name: p.read_bytes() for p in out.glob("*.npy")} == {
+        p.name: p.read_bytes() for p in world["SHARDS"].glob("*.npy")
+    }
 
 
-@pytest.mark.parametrize("value, words", [("0", "WORLD_SIZE=0; it must be at least 1"),
-                                          ("abc", "WORLD_SIZE='abc'")])
-def test_a_broken_torchrun_environment_is_named(value, words, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "value, words",
+    [("0", "WORLD_SIZE=0; it must be at least 1"), ("abc", "WORLD_SIZE='abc'")],
+)
+def test_a_broken_torchrun_environment_is_named(
+    value, words, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", value)
-    status, message = run("train", ["--preset", "smoke", "--out", tmp_path / "run", "--device", "cpu"], capsys)
+    status, message = run(
+        "train",
+        ["--preset", "smoke", "--out", tmp_path / "run", "--device", "cpu"],
+        capsys,
+    )
     assert status == 1 and words in message and not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_on_the_last_step_still_stops_with_130_and_resume_finishes(tmp_path, finished_run, monkeypatch,
-                                                                         capsys):
+def test_ctrl_c_on_the_last_step_still_stops_with_130_and_resume_finishes(
+    tmp_path, finished_run, monkeypatch, capsys
+):
     real_step, calls = train_module.train_step, []
 
     def interrupted_at_the_last_step(*args, **kwargs):
         calls.append(1)
         if len(calls) == SMOKE.max_steps:
-            os.kill(os.getpid(), signal.SIGINT)  # as a user's Ctrl-C during the last step
+            os.kill(
+                os.getpid(), signal.SIGINT
+            )  # as a user's Ctrl-C during the last step
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_step", interrupted_at_the_last_step)
-    status, _ = run("train", ["--preset", "smoke", "--out", tmp_path, "--device", "cpu", "--no-progress"], capsys)
-    assert status == 130 and not (tmp_path / "summary.json").exists()  # no final evaluation after Ctrl-C
+    status, _ = run(
+        "train",
+        ["--preset", "smoke", "--out", tmp_path, "--device", "cpu", "--no-progress"],
+        capsys,
+    )
+    assert (
+        status == 130 and not (tmp_path / "summary.json").exists()
+    )  # no final evaluation after Ctrl-C
     monkeypatch.undo()
     train(SMOKE, tmp_path, device="cpu", resume=True, progress=False)
     assert measured(tmp_path) == measured(finished_run)
     assert json.loads((tmp_path / "summary.json").read_text())["finished"]
 
 
-def test_a_log_that_lacks_steps_before_the_checkpoint_is_reported_on_resume(tmp_path, stopped_run, finished_run,
-                                                                            capsys):
+def test_a_log_that_lacks_steps_before_the_checkpoint_is_reported_on_resume(
+    tmp_path, stopped_run, finished_run, capsys
+):
     shutil.copytree(stopped_run, tmp_path / "run")
     log = tmp_path / "run" / "log.jsonl"
-    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:2]))  # steps 1 and 2 lost
+    log.write_text(
+        "".join(line + "\n" for line in log.read_text().splitlines()[:2])
+    )  # steps 1 and 2 lost
     train(SMOKE, tmp_path / "run", device="cpu", resume=True, progress=False)
-    assert "has no entry for 2 of the 3 steps before the checkpoint (steps 1 to 2)" in capsys.readouterr().err
+    assert (
+        "has no entry for 2 of the 3 steps before the checkpoint (steps 1 to 2)"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_run_killed_while_writing_its_first_checkpoint(tmp_path, stopped_run, capsys):
-    "A log, no checkpoint, and the temporary file of the write that was killed: one consistent answer."
+    """A log, no checkpoint, and the temporary file of the write that was killed: one
+    consistent answer."""
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(stopped_run / "log.jsonl", out)
     (out / ".ckpt_0000003.pt.x1y2.tmp").write_bytes(b"half")
     for resume in ([], ["--resume"]):
-        status, message = run("train", ["--preset", "smoke", "--out", out, "--device", "cpu", *resume], capsys)
-        assert status == 1 and "no checkpoint to resume from; choose another --out" in message
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "log.jsonl"]  # our temporary file is gone, the log kept
+        status, message = run(
+            "train",
+            ["--preset", "smoke", "--out", out, "--device", "cpu", *resume],
+            capsys,
+        )
+        assert (
+            status == 1
+            and "no checkpoint to resume from; choose another --out" in message
+        )
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "log.jsonl",
+    ]  # our temporary file is gone, the log kept
 
 
 def test_a_shard_added_between_stop_and_resume_is_named(tmp_path, capsys):
@@ -550,33 +1251,80 @@ def test_a_shard_added_between_stop_and_resume_is_named(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for name in ("x_val_0.npy", "x_train_1.npy", "x_train_2.npy"):
         np.save(data / name, rng.integers(0, 50257, 3000, dtype=np.uint16))
-    args = ["--preset", "smoke", "--out", tmp_path / "run", "--data", data, "--device", "cpu", "--no-progress"]
+    args = [
+        "--preset",
+        "smoke",
+        "--out",
+        tmp_path / "run",
+        "--data",
+        data,
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert run("train", [*args, "--stop-after", "3"], capsys)[0] == 0
     np.save(data / "x_train_3.npy", rng.integers(0, 50257, 3000, dtype=np.uint16))
     status, message = run("train", [*args, "--resume"], capsys)
-    assert status == 1 and "saved data position is in 2 shards, but the data now has 3" in message
+    assert (
+        status == 1
+        and "saved data position is in 2 shards, but the data now has 3" in message
+    )
 
 
 def test_ctrl_c_while_python_starts_is_quiet(tmp_path):
     for delay in (0.2, 0.5):
-        proc = subprocess.Popen([sys.executable, "-m", "gpt2lib.train", "--preset", "smoke", "--out",
-                                 str(tmp_path / "run"), "--no-progress"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gpt2lib.train",
+                "--preset",
+                "smoke",
+                "--out",
+                str(tmp_path / "run"),
+                "--no-progress",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(delay)  # torch is still being imported
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 130 and "Traceback" not in stderr, stderr
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_finishes_the_step_saves_and_exits_128_plus_its_number(signum, status, tmp_path):
+@pytest.mark.parametrize(
+    "signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
+)
+def test_a_signal_finishes_the_step_saves_and_exits_128_plus_its_number(
+    signum, status, tmp_path
+):
     "Ctrl-C, or the SIGTERM a scheduler sends before it stops a job."
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2lib.train", "--no-progress", "--device", "cpu",
-                             "--preset", "smoke", "--max-steps", "100000", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpt2lib.train",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--preset",
+            "smoke",
+            "--max-steps",
+            "100000",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "log.jsonl").exists() and len(read_log(out / "log.jsonl")) >= 2):
+    while time.time() < deadline and not (
+        (out / "log.jsonl").exists() and len(read_log(out / "log.jsonl")) >= 2
+    ):
         time.sleep(0.2)
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)

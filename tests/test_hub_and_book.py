@@ -23,7 +23,9 @@ def test_unreachable_endpoint_is_decided_in_seconds(monkeypatch):
 def test_standin_has_the_released_shape():
     model, is_real = load_hf_gpt2("gpt2")
     if is_real:
-        pytest.skip("the released gpt2 is in this machine's HF cache, so no stand-in is made")
+        pytest.skip(
+            "the released gpt2 is in this machine's HF cache, so no stand-in is made"
+        )
     cfg = model.config
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == tuple(GPT2_SHAPES["gpt2"].values())
     assert (cfg.n_positions, cfg.vocab_size) == (1024, 50257)

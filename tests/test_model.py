@@ -10,20 +10,24 @@ from gpt2lib.model import GPT, GPTConfig, sample_next
 
 
 def compare_with_hf(model: GPT, hf, B=2, T=None, seed=1):
-    "Logits of both models on the same random tokens, and both losses on the same predictions."
+    """Logits of both models on the same random tokens, and both losses on the same
+    predictions."""
     T = T or min(hf.config.n_positions, 64)
     g = torch.Generator().manual_seed(seed)
     seq = torch.randint(0, hf.config.vocab_size, (B, T), generator=g)
     with torch.no_grad():
         logits, _ = model(seq)
         _, loss = model(seq[:, :-1], seq[:, 1:])  # predict token t+1 from tokens <= t
-        out = hf(seq, labels=seq)  # HF shifts the labels itself: the same T-1 predictions
+        out = hf(
+            seq, labels=seq
+        )  # HF shifts the labels itself: the same T-1 predictions
     return logits, out.logits, loss, out.loss
 
 
 # Every shape from save_pretrained; the other two file layouts on two shapes.
 CASES = [(shape, "safetensors") for shape in SHAPES] + [
-    (shape, fmt) for shape in ("tiny", "gpt2-widths") for fmt in ("bin", "released")]
+    (shape, fmt) for shape in ("tiny", "gpt2-widths") for fmt in ("bin", "released")
+]
 
 
 @pytest.mark.parametrize("shape, fmt", CASES)
@@ -38,14 +42,18 @@ def test_logits_and_loss_equal_hf(shape, fmt, tmp_path):
 
 def test_full_block_size(tiny_hf):
     hf, path = tiny_hf
-    ours, theirs, _, _ = compare_with_hf(GPT.from_pretrained(path), hf, T=hf.config.n_positions)
+    ours, theirs, _, _ = compare_with_hf(
+        GPT.from_pretrained(path), hf, T=hf.config.n_positions
+    )
     assert (ours - theirs).abs().max().item() < 1e-5
 
 
 def test_config_read_from_dir(tiny_hf):
     _, path = tiny_hf
     n_layer, n_head, n_embd, vocab, block = SHAPES["tiny"]
-    assert GPT.from_pretrained(path).config == GPTConfig(block, vocab, n_layer, n_head, n_embd)
+    assert GPT.from_pretrained(path).config == GPTConfig(
+        block, vocab, n_layer, n_head, n_embd
+    )
 
 
 def test_greedy_generation_equals_hf(tiny_hf):
@@ -53,34 +61,58 @@ def test_greedy_generation_equals_hf(tiny_hf):
     model = GPT.from_pretrained(path)
     prompt = torch.tensor([[5, 17, 42, 7], [1, 2, 3, 4]])
     ours = model.generate(prompt, max_new_tokens=12, top_k=1)
-    theirs = hf.generate(prompt, do_sample=False, max_new_tokens=12, pad_token_id=0,
-                         attention_mask=torch.ones_like(prompt))
+    theirs = hf.generate(
+        prompt,
+        do_sample=False,
+        max_new_tokens=12,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(prompt),
+    )
     assert torch.equal(ours, theirs)
 
 
 def test_generation_past_block_size_reads_the_newest_tokens(tiny_hf):
-    "Past block_size the model must see the newest block_size tokens (the oldest ones are dropped)."
+    """Past block_size the model must see the newest block_size tokens (the oldest ones
+    are dropped)."""
     _, path = tiny_hf
     model = GPT.from_pretrained(path)
     block, vocab = model.config.block_size, model.config.vocab_size
-    prompt = torch.randint(0, vocab, (2, block), generator=torch.Generator().manual_seed(0))
-    out = model.generate(prompt, max_new_tokens=6, top_k=None, generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(
+        0, vocab, (2, block), generator=torch.Generator().manual_seed(0)
+    )
+    out = model.generate(
+        prompt, max_new_tokens=6, top_k=None, generator=torch.Generator().manual_seed(1)
+    )
 
     def sampled(window):  # what generate should do, with the context cut by `window`
         idx, generator = prompt, torch.Generator().manual_seed(1)
         with torch.no_grad():
             for _ in range(6):
-                idx = torch.cat([idx, sample_next(model(window(idx))[0][:, -1], top_k=None, generator=generator)], 1)
+                idx = torch.cat(
+                    [
+                        idx,
+                        sample_next(
+                            model(window(idx))[0][:, -1],
+                            top_k=None,
+                            generator=generator,
+                        ),
+                    ],
+                    1,
+                )
         return idx
 
     assert torch.equal(out, sampled(lambda idx: idx[:, -block:]))
-    assert not torch.equal(out, sampled(lambda idx: idx[:, :block]))  # the test tells the two apart
+    assert not torch.equal(
+        out, sampled(lambda idx: idx[:, :block])
+    )  # the test tells the two apart
 
 
 def test_sampling_is_reproducible_and_respects_top_k():
     torch.manual_seed(0)
     logits = torch.randn(3, 100)
-    draw = lambda seed: sample_next(logits, top_k=5, generator=torch.Generator().manual_seed(seed))
+    draw = lambda seed: sample_next(
+        logits, top_k=5, generator=torch.Generator().manual_seed(seed)
+    )
     assert torch.equal(draw(7), draw(7))
     top5 = logits.topk(5).indices
     for seed in range(50):
@@ -104,18 +136,26 @@ def test_bad_temperature():
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         GPT.from_pretrained(tmp_path / "nope")
-    assert "nope" in str(err.value) and "gpt2-xl" in str(err.value) and "config.json" in str(err.value)
+    assert (
+        "nope" in str(err.value)
+        and "gpt2-xl" in str(err.value)
+        and "config.json" in str(err.value)
+    )
 
 
 def test_unknown_name():
-    with pytest.raises(FileNotFoundError, match="neither a directory nor a released GPT-2 name"):
+    with pytest.raises(
+        FileNotFoundError, match="neither a directory nor a released GPT-2 name"
+    ):
         GPT.from_pretrained("gpt3")
 
 
 def test_released_name_offline_is_a_clear_error(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # empty cache
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path)
+    )  # empty cache
     with pytest.raises(FileNotFoundError, match="cannot be reached"):
         GPT.from_pretrained("gpt2")
 
@@ -153,27 +193,43 @@ def rewrite_weights(src, dst, edit):
 
 def test_wrong_key_is_named(tmp_path, tiny_hf):
     _, path = tiny_hf
+
     def rename(sd):
-        sd["transformer.h.1.mlp.c_fcc.weight"] = sd.pop("transformer.h.1.mlp.c_fc.weight")
+        sd["transformer.h.1.mlp.c_fcc.weight"] = sd.pop(
+            "transformer.h.1.mlp.c_fc.weight"
+        )
+
     with pytest.raises(ValueError) as err:
         GPT.from_pretrained(rewrite_weights(path, tmp_path / "bad", rename))
-    assert "transformer.h.1.mlp.c_fc.weight" in str(err.value) and "c_fcc" in str(err.value)
+    assert "transformer.h.1.mlp.c_fc.weight" in str(err.value) and "c_fcc" in str(
+        err.value
+    )
 
 
 def test_wrong_shape_names_key_and_shapes(tmp_path, tiny_hf):
     _, path = tiny_hf
+
     def widen(sd):
-        sd["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(32, 100)  # HF layout (in, out); 128 expected
+        sd["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(
+            32, 100
+        )  # HF layout (in, out); 128 expected
+
     with pytest.raises(ValueError) as err:
         GPT.from_pretrained(rewrite_weights(path, tmp_path / "bad", widen))
     msg = str(err.value)
-    assert "transformer.h.0.mlp.c_fc.weight" in msg and "(32, 100)" in msg and "(128, 32)" in msg
+    assert (
+        "transformer.h.0.mlp.c_fc.weight" in msg
+        and "(32, 100)" in msg
+        and "(128, 32)" in msg
+    )
 
 
 def test_untied_lm_head_is_refused(tmp_path, tiny_hf):
     _, path = tiny_hf
+
     def untie(sd):
         sd["lm_head.weight"] = torch.randn_like(sd["transformer.wte.weight"])
+
     with pytest.raises(ValueError, match="lm_head"):
         GPT.from_pretrained(rewrite_weights(path, tmp_path / "bad", untie))
 
@@ -187,10 +243,14 @@ def test_bad_config():
 
 def test_init_follows_gpt2():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=1000, n_layer=8, n_head=4, n_embd=256))
+    model = GPT(
+        GPTConfig(block_size=64, vocab_size=1000, n_layer=8, n_head=4, n_embd=256)
+    )
     std = lambda t: t.detach().std().item()
     assert abs(std(model.transformer.wte.weight) - 0.02) < 0.001
     assert abs(std(model.transformer.h[0].mlp.c_fc.weight) - 0.02) < 0.001
-    assert abs(std(model.transformer.h[0].mlp.c_proj.weight) - 0.02 / 4) < 0.0005  # 1/sqrt(2*8)
+    assert (
+        abs(std(model.transformer.h[0].mlp.c_proj.weight) - 0.02 / 4) < 0.0005
+    )  # 1/sqrt(2*8)
     assert model.transformer.h[0].attn.c_attn.bias.abs().max() == 0
     assert model.lm_head.weight is model.transformer.wte.weight

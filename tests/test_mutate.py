@@ -1,5 +1,7 @@
-"""tools/mutate.py stays usable: every planted bug still applies to the code (its text occurs exactly
-once in its module), so a change of the code cannot quietly turn a mutant into a no-op."""
+"""tools/mutate.py stays usable: every planted bug still applies to the code (its text
+occurs exactly once in its module), so a change of the code cannot quietly turn a mutant
+into a no-op."""
+
 import importlib.util
 import sys
 from pathlib import Path

@@ -1,4 +1,6 @@
-"""The appendix's machinery (gpt2lib.runtime) and the package's structure: layers, docstrings, scripts."""
+"""The appendix's machinery (gpt2lib.runtime) and the package's structure: layers,
+docstrings, scripts."""
+
 import ast
 import errno
 import subprocess
@@ -9,14 +11,28 @@ import pytest
 import torch
 
 import gpt2lib
-from gpt2lib.runtime import (DirectoryLocked, atomic_write, autocast_for, command_name, git_state, lock_directory,
-                             one_line, provenance, resolve_device, run_command)
+from gpt2lib.runtime import (
+    DirectoryLocked,
+    atomic_write,
+    autocast_for,
+    command_name,
+    git_state,
+    lock_directory,
+    one_line,
+    provenance,
+    resolve_device,
+    run_command,
+)
 
 LIB = Path(gpt2lib.__file__).parent
 
 
 def test_resolve_device_accepts_what_is_there_and_names_what_is_not():
-    assert resolve_device("cpu") == "cpu" and resolve_device(None) in ("cpu", "cuda", "mps")
+    assert resolve_device("cpu") == "cpu" and resolve_device(None) in (
+        "cpu",
+        "cuda",
+        "mps",
+    )
     with pytest.raises(ValueError, match="'tpu' is not a device"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
@@ -30,13 +46,17 @@ def test_resolve_device_accepts_what_is_there_and_names_what_is_not():
 def test_autocast_is_bf16_on_cuda_only_unless_asked():
     with autocast_for("cpu")():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-    with autocast_for("cpu", torch.bfloat16)():  # how the tests run the GPU's bf16 path on a CPU
+    with autocast_for(
+        "cpu", torch.bfloat16
+    )():  # how the tests run the GPU's bf16 path on a CPU
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
 
 
 def test_atomic_write_is_all_or_nothing(tmp_path):
     path = atomic_write(tmp_path / "f.txt", "old\n")
-    assert path.read_text() == "old\n" and oct(path.stat().st_mode & 0o777) != oct(0o600)
+    assert path.read_text() == "old\n" and oct(path.stat().st_mode & 0o777) != oct(
+        0o600
+    )
 
     def half_then_full_disk(f):
         f.write(b"new, half")
@@ -44,7 +64,9 @@ def test_atomic_write_is_all_or_nothing(tmp_path):
 
     with pytest.raises(OSError, match="No space left"):
         atomic_write(path, half_then_full_disk)
-    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == [
+        "f.txt"
+    ]
     atomic_write(path, b"bytes")
     assert path.read_bytes() == b"bytes"
 
@@ -52,8 +74,14 @@ def test_atomic_write_is_all_or_nothing(tmp_path):
 def test_lock_refuses_a_second_holder_names_the_first_and_is_released(tmp_path):
     with lock_directory(tmp_path / "run", "training run"):
         script = f"from gpt2lib.runtime import lock_directory\nwith lock_directory({str(tmp_path / 'run')!r}): pass"
-        other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-        assert other.returncode == 1 and "DirectoryLocked" in other.stderr and "is in use by another training run (pid" in other.stderr
+        other = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True
+        )
+        assert (
+            other.returncode == 1
+            and "DirectoryLocked" in other.stderr
+            and "is in use by another training run (pid" in other.stderr
+        )
         with pytest.raises(DirectoryLocked, match="in use by another training run"):
             with lock_directory(tmp_path / "run", "training run"):
                 pass
@@ -62,9 +90,17 @@ def test_lock_refuses_a_second_holder_names_the_first_and_is_released(tmp_path):
 
 
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom gpt2lib.runtime import lock_directory\n"
-                               f"with lock_directory({str(tmp_path)!r}):\n    print('held', flush=True)\n"
-                               "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nfrom gpt2lib.runtime import lock_directory\n"
+            f"with lock_directory({str(tmp_path)!r}):\n    print('held', flush=True)\n"
+            "    time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(DirectoryLocked):
         with lock_directory(tmp_path):
@@ -90,7 +126,9 @@ def test_run_command_exit_statuses(capsys):
 
     with pytest.raises(SystemExit) as exit:
         fails()
-    assert exit.value.code == "error: no such thing second line"  # printed on one line, status 1
+    assert (
+        exit.value.code == "error: no such thing second line"
+    )  # printed on one line, status 1
     for command, status in ((interrupted, 130), (returns, 3)):
         with pytest.raises(SystemExit) as exit:
             command()
@@ -111,14 +149,37 @@ def test_provenance_records_the_commit_and_whether_the_tree_was_dirty():
     assert (state["commit"] is not None) == inside_checkout
     if inside_checkout:
         assert len(state["commit"]) == 40 and isinstance(state["dirty"], bool)
-    assert {"device", "torch", "cuda", "commit", "dirty", "date"} <= provenance("cpu").keys()
+    assert {"device", "torch", "cuda", "commit", "dirty", "date"} <= provenance(
+        "cpu"
+    ).keys()
 
 
-# The package's layers (see gpt2lib/__init__.py): a module imports only from lower layers.
-LAYERS = {"runtime": 0, "book": 1, "tokenizer": 1, "hub": 1, "model": 1, "optim": 1, "dist": 1, "hf": 2, "data": 2,
-          "checkpoint": 3, "config": 3, "rundir": 3, "bench": 3, "fineweb": 3, "sample": 4, "evaluate": 4,
-          "export_hf": 4, "train": 5, "preflight": 6}
-UPWARD_ALLOWED = {("model", "hf")}  # GPT.from_pretrained hands over to gpt2lib.hf, inside the method
+# The package's layers (see gpt2lib/__init__.py): a module imports only from lower
+# layers.
+LAYERS = {
+    "runtime": 0,
+    "book": 1,
+    "tokenizer": 1,
+    "hub": 1,
+    "model": 1,
+    "optim": 1,
+    "dist": 1,
+    "hf": 2,
+    "data": 2,
+    "checkpoint": 3,
+    "config": 3,
+    "rundir": 3,
+    "bench": 3,
+    "fineweb": 3,
+    "sample": 4,
+    "evaluate": 4,
+    "export_hf": 4,
+    "train": 5,
+    "preflight": 6,
+}
+UPWARD_ALLOWED = {
+    ("model", "hf")
+}  # GPT.from_pretrained hands over to gpt2lib.hf, inside the method
 
 
 def gpt2lib_imports(path: Path) -> set[str]:
@@ -140,7 +201,9 @@ def test_every_module_has_a_layer_and_imports_only_point_down():
     assert modules == LAYERS.keys()
     for name in modules:
         for imported in gpt2lib_imports(LIB / f"{name}.py"):
-            assert LAYERS[imported] < LAYERS[name] or (name, imported) in UPWARD_ALLOWED, f"{name} imports {imported}"
+            assert (
+                LAYERS[imported] < LAYERS[name] or (name, imported) in UPWARD_ALLOWED
+            ), f"{name} imports {imported}"
 
 
 def test_every_module_says_what_it_is():
@@ -151,41 +214,79 @@ def test_every_module_says_what_it_is():
 
 
 def test_one_home_for_shared_helpers():
-    "The helpers every module needs are defined once (in runtime), and EOT_TOKEN once (in tokenizer)."
+    """The helpers every module needs are defined once (in runtime), and EOT_TOKEN once
+    (in tokenizer)."""
     definitions = {}
     for path in LIB.glob("*.py"):
         for node in ast.parse(path.read_text()).body:
-            names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
-                [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+            names = (
+                [node.name]
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                else [
+                    t.id
+                    for t in getattr(node, "targets", [])
+                    if isinstance(t, ast.Name)
+                ]
+            )
             for name in names:
                 definitions.setdefault(name, []).append(path.stem)
-    for name in ("default_device", "resolve_device", "autocast_for", "atomic_write", "provenance", "git_state",
-                 "read_log", "EOT_TOKEN", "split_shards", "load_model"):
+    for name in (
+        "default_device",
+        "resolve_device",
+        "autocast_for",
+        "atomic_write",
+        "provenance",
+        "git_state",
+        "read_log",
+        "EOT_TOKEN",
+        "split_shards",
+        "load_model",
+    ):
         assert len(definitions.get(name, [])) == 1, (name, definitions.get(name))
     source = "\n".join(p.read_text() for p in LIB.glob("*.py") if p.stem != "runtime")
-    assert "os.replace(" not in source.replace("os.replace(tmp / name, out / name)", "")  # export's per-file --force
-    assert "torch.cuda.is_available() else" not in source  # the default device is runtime's
+    assert "os.replace(" not in source.replace(
+        "os.replace(tmp / name, out / name)", ""
+    )  # export's per-file --force
+    assert (
+        "torch.cuda.is_available() else" not in source
+    )  # the default device is runtime's
 
 
-SCRIPTS = ["gpt2-train", "gpt2-preflight", "gpt2-sample", "gpt2-evaluate", "gpt2-export-hf", "gpt2-fineweb", "gpt2-bench"]
+SCRIPTS = [
+    "gpt2-train",
+    "gpt2-preflight",
+    "gpt2-sample",
+    "gpt2-evaluate",
+    "gpt2-export-hf",
+    "gpt2-fineweb",
+    "gpt2-bench",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_console_scripts_answer_help_under_their_own_name(script):
     path = Path(sys.executable).parent / script  # pip install -e . puts it there
     assert path.exists(), f"{script} is not installed: pip install -e ."
-    result = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.startswith(f"usage: {script} "), result.stderr
+    result = subprocess.run(
+        [str(path), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: {script} "), (
+        result.stderr
+    )
 
 
-def test_a_file_system_without_locks_is_named_not_mistaken_for_another_run(tmp_path, monkeypatch):
+def test_a_file_system_without_locks_is_named_not_mistaken_for_another_run(
+    tmp_path, monkeypatch
+):
     import fcntl
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with pytest.raises(OSError, match="No locks available.*does not support flock") as err:
+    with pytest.raises(
+        OSError, match="No locks available.*does not support flock"
+    ) as err:
         with lock_directory(tmp_path):
             pass
     assert not isinstance(err.value, DirectoryLocked)

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from gpt2lib import checkpoint
-from gpt2lib.checkpoint import list_checkpoints, load_latest_checkpoint, load_model, save_checkpoint
+from gpt2lib.checkpoint import (
+    list_checkpoints,
+    load_latest_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from gpt2lib.data import DataLoader
 from gpt2lib.evaluate import validation_loss
 from gpt2lib.train import PRESETS, train
@@ -18,7 +23,9 @@ SMOKE = PRESETS["smoke"]
 
 def losses(out):
     entries = read_log(out / "log.jsonl")
-    return [e["loss"] for e in entries if "loss" in e], [e["val_loss"] for e in entries if "val_loss" in e]
+    return [e["loss"] for e in entries if "loss" in e], [
+        e["val_loss"] for e in entries if "val_loss" in e
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +41,9 @@ def test_log_has_the_promised_fields(straight):
     entries = read_log(out / "log.jsonl")
     steps = [e for e in entries if "loss" in e]
     assert [e["step"] for e in steps] == list(range(SMOKE.max_steps))
-    assert all({"step", "loss", "lr", "norm", "dt", "tokens_per_s"} <= e.keys() for e in steps)
+    assert all(
+        {"step", "loss", "lr", "norm", "dt", "tokens_per_s"} <= e.keys() for e in steps
+    )
     assert [e["step"] for e in entries if "val_loss" in e] == [0, 3, 6]
     assert summary["finished"] and summary["val_loss"] == entries[-1]["val_loss"]
     assert len(summary["samples"]) == SMOKE.num_samples
@@ -49,14 +58,20 @@ def test_stop_and_resume_give_identical_losses(straight, tmp_path):
     assert losses(tmp_path) == losses(out)  # exactly equal, not approximately
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(straight, tmp_path, capsys):
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(
+    straight, tmp_path, capsys
+):
     out, _ = straight
     train(SMOKE, tmp_path, device="cpu", progress=False)  # checkpoints at steps 3 and 6
     newest = list_checkpoints(tmp_path)[-1]
-    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a crash during a copy
+    newest.write_bytes(
+        newest.read_bytes()[:1000]
+    )  # truncated, as by a crash during a copy
     state, path = load_latest_checkpoint(tmp_path)
     assert state["step"] == 3 and "cannot be used" in capsys.readouterr().err
-    train(SMOKE, tmp_path, device="cpu", resume=True, progress=False)  # redoes steps 3-5
+    train(
+        SMOKE, tmp_path, device="cpu", resume=True, progress=False
+    )  # redoes steps 3-5
     assert losses(tmp_path) == losses(out)
 
 
@@ -66,10 +81,15 @@ def test_no_readable_checkpoint_is_an_error(tmp_path):
         load_latest_checkpoint(tmp_path)
 
 
-def test_checkpoint_is_atomic_and_old_ones_survive_a_failed_write(tmp_path, monkeypatch):
+def test_checkpoint_is_atomic_and_old_ones_survive_a_failed_write(
+    tmp_path, monkeypatch
+):
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, {"step": step, "w": torch.ones(3)}, keep=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "ckpt_0000003.pt",
+        "ckpt_0000004.pt",
+    ]
 
     def crash(obj, f):
         f.write(b"half a checkpoint")
@@ -78,7 +98,10 @@ def test_checkpoint_is_atomic_and_old_ones_survive_a_failed_write(tmp_path, monk
     monkeypatch.setattr(checkpoint.torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, 5, {"step": 5}, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt_0000003.pt",
+        "ckpt_0000004.pt",
+    ]
 
 
 def test_checkpoint_holds_the_whole_state_and_loads_weights_only(straight):
@@ -86,13 +109,22 @@ def test_checkpoint_holds_the_whole_state_and_loads_weights_only(straight):
     path = list_checkpoints(out)[-1]
     state = torch.load(path, weights_only=True)
     assert {"model", "optimizer", "loader", "step", "config", "rng"} <= state.keys()
-    assert state["config"] == dataclasses.asdict(SMOKE) and state["step"] == SMOKE.max_steps
+    assert (
+        state["config"] == dataclasses.asdict(SMOKE)
+        and state["step"] == SMOKE.max_steps
+    )
 
 
 def test_resume_with_another_config_is_refused(straight, tmp_path):
     train(SMOKE, tmp_path, device="cpu", stop_after=3, progress=False)
     with pytest.raises(ValueError, match="different settings \\(max_lr\\)"):
-        train(dataclasses.replace(SMOKE, max_lr=1.0), tmp_path, device="cpu", resume=True, progress=False)
+        train(
+            dataclasses.replace(SMOKE, max_lr=1.0),
+            tmp_path,
+            device="cpu",
+            resume=True,
+            progress=False,
+        )
 
 
 def test_existing_checkpoints_need_resume(tmp_path):
@@ -102,15 +134,42 @@ def test_existing_checkpoints_need_resume(tmp_path):
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "gpt2lib.train", "--no-progress", "--device", "cpu", *args],
-                          capture_output=True, text=True, timeout=300, cwd=cwd)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpt2lib.train",
+            "--no-progress",
+            "--device",
+            "cpu",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
 
 
 def test_cli_smoke_run(tmp_path):
-    result = cli("--preset", "smoke", "--out", str(tmp_path / "run"), "--max-steps", "2", "--n-layer", "1")
+    result = cli(
+        "--preset",
+        "smoke",
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        "--n-layer",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     assert "validation loss:" in result.stdout and "ROMEO:" in result.stdout
-    assert torch.load(list_checkpoints(tmp_path / "run")[-1], weights_only=True)["config"]["n_layer"] == 1
+    assert (
+        torch.load(list_checkpoints(tmp_path / "run")[-1], weights_only=True)["config"][
+            "n_layer"
+        ]
+        == 1
+    )
 
 
 def one_line_error(result, *fragments):
@@ -121,34 +180,67 @@ def one_line_error(result, *fragments):
 
 
 def test_cli_unknown_preset():
-    one_line_error(cli("--preset", "gpt5"), "invalid choice: 'gpt5'", "gpt2-124m", "shakespeare", "smoke")
+    one_line_error(
+        cli("--preset", "gpt5"),
+        "invalid choice: 'gpt5'",
+        "gpt2-124m",
+        "shakespeare",
+        "smoke",
+    )
 
 
 def test_cli_unwritable_out(tmp_path):
     (tmp_path / "file").write_text("x")
-    one_line_error(cli("--preset", "smoke", "--out", str(tmp_path / "file" / "run")), "cannot write to --out")
+    one_line_error(
+        cli("--preset", "smoke", "--out", str(tmp_path / "file" / "run")),
+        "cannot write to --out",
+    )
 
 
 def test_cli_budget_not_divisible(tmp_path):
-    one_line_error(cli("--preset", "smoke", "--out", str(tmp_path), "--total-batch-size", "1000"),
-                   "total_batch_size = 1000 is not allowed", "multiple of batch_size × block_size")
+    one_line_error(
+        cli("--preset", "smoke", "--out", str(tmp_path), "--total-batch-size", "1000"),
+        "total_batch_size = 1000 is not allowed",
+        "multiple of batch_size × block_size",
+    )
 
 
 def test_cli_data_shorter_than_a_batch(tmp_path):
     np.save(tmp_path / "tokens.npy", np.arange(50, dtype=np.uint16))
-    one_line_error(cli("--preset", "smoke", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "tokens.npy")),
-                   "shorter than one batch")
+    one_line_error(
+        cli(
+            "--preset",
+            "smoke",
+            "--out",
+            str(tmp_path / "run"),
+            "--data",
+            str(tmp_path / "tokens.npy"),
+        ),
+        "shorter than one batch",
+    )
 
 
 def test_cli_wrong_token_dtype(tmp_path):
     np.save(tmp_path / "tokens.npy", np.arange(5000, dtype=np.int64))
-    one_line_error(cli("--preset", "smoke", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "tokens.npy")),
-                   "must be a 1-D uint16 array, got 1-D int64")
+    one_line_error(
+        cli(
+            "--preset",
+            "smoke",
+            "--out",
+            str(tmp_path / "run"),
+            "--data",
+            str(tmp_path / "tokens.npy"),
+        ),
+        "must be a 1-D uint16 array, got 1-D int64",
+    )
 
 
 def test_cli_gpt2_124m_without_fineweb(tmp_path):
-    one_line_error(cli("--preset", "gpt2-124m", "--out", str(tmp_path / "run"), cwd=tmp_path),
-                   "no training data at data/fineweb10B", "gpt2lib.fineweb")
+    one_line_error(
+        cli("--preset", "gpt2-124m", "--out", str(tmp_path / "run"), cwd=tmp_path),
+        "no training data at data/fineweb10B",
+        "gpt2lib.fineweb",
+    )
 
 
 def test_training_on_token_shards(tmp_path):
@@ -160,12 +252,17 @@ def test_training_on_token_shards(tmp_path):
     np.save(data / "shard_train_002.npy", rng.integers(0, 50257, 5000, dtype=np.uint16))
     cfg = dataclasses.replace(SMOKE, data=str(data))
     summary = train(cfg, tmp_path / "run", device="cpu", progress=False)
-    # the final validation loss is the validation shard's, computed with the final weights
+    # the final validation loss is the validation shard's, computed with the final
+    # weights
     model, _ = load_model(str(tmp_path / "run"))
     loader = DataLoader([data / "shard_val_000.npy"], cfg.batch_size, cfg.block_size)
-    assert summary["finished"] and summary["val_loss"] == validation_loss(model, loader, cfg.eval_batches, "cpu")
+    assert summary["finished"] and summary["val_loss"] == validation_loss(
+        model, loader, cfg.eval_batches, "cpu"
+    )
     # and training read the training shards: its first batch is the start of one of them
-    first = torch.load(list_checkpoints(tmp_path / "run")[0], weights_only=True)["loader"]
+    first = torch.load(list_checkpoints(tmp_path / "run")[0], weights_only=True)[
+        "loader"
+    ]
     assert first["n_sources"] == 2
 
 
@@ -179,22 +276,57 @@ def test_hellaswag_during_training_equals_chapter_8s_evaluation(tmp_path):
     cfg = dataclasses.replace(SMOKE, hellaswag=path, hellaswag_limit=4)
     summary = train(cfg, tmp_path, device="cpu", progress=False)
     evals = [e for e in read_log(tmp_path / "log.jsonl") if "hellaswag_acc" in e]
-    assert [e["step"] for e in evals] == [0, 3, 6] and all("val_loss" in e for e in evals)
+    assert [e["step"] for e in evals] == [0, 3, 6] and all(
+        "val_loss" in e for e in evals
+    )
     model, _ = load_model(str(tmp_path), "cpu")  # the final checkpoint
-    expected = evaluate_hellaswag(model, read_hellaswag(path)[:4], "cpu", progress=False)
-    assert (summary["hellaswag_acc"], summary["hellaswag_acc_norm"]) == (expected["acc"], expected["acc_norm"])
+    expected = evaluate_hellaswag(
+        model, read_hellaswag(path)[:4], "cpu", progress=False
+    )
+    assert (summary["hellaswag_acc"], summary["hellaswag_acc_norm"]) == (
+        expected["acc"],
+        expected["acc_norm"],
+    )
 
 
 def test_missing_hellaswag_file_is_a_clear_error(tmp_path):
-    cmd = [sys.executable, "-m", "gpt2lib.train", "--preset", "smoke", "--out", str(tmp_path / "run"),
-           "--hellaswag", str(tmp_path / "nope.jsonl"), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gpt2lib.train",
+        "--preset",
+        "smoke",
+        "--out",
+        str(tmp_path / "run"),
+        "--hellaswag",
+        str(tmp_path / "nope.jsonl"),
+        "--no-progress",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 1 and "error:" in result.stderr and "nope.jsonl" in result.stderr
+    assert (
+        result.returncode == 1
+        and "error:" in result.stderr
+        and "nope.jsonl" in result.stderr
+    )
     assert "Traceback" not in result.stderr and not list_checkpoints(tmp_path / "run")
 
 
 def test_fineweb_preset_without_shards_says_what_to_run(tmp_path):
-    cmd = [sys.executable, "-m", "gpt2lib.train", "--preset", "gpt2-124m", "--out", str(tmp_path / "run"),
-           "--data", str(tmp_path / "fineweb"), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gpt2lib.train",
+        "--preset",
+        "gpt2-124m",
+        "--out",
+        str(tmp_path / "run"),
+        "--data",
+        str(tmp_path / "fineweb"),
+        "--device",
+        "cpu",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 1 and f"python -m gpt2lib.fineweb --out {tmp_path / 'fineweb'}" in result.stderr
+    assert (
+        result.returncode == 1
+        and f"python -m gpt2lib.fineweb --out {tmp_path / 'fineweb'}" in result.stderr
+    )

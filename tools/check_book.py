@@ -21,9 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def toc_files(toc: Path = ROOT / "_toc.yml") -> list[str]:
-    "The pages named in the table of contents (root and `file:` entries), without suffix."
+    """The pages named in the table of contents (root and `file:` entries), without
+    suffix."""
     text = toc.read_text()
-    return re.findall(r"^root:\s*(\S+)", text, re.M) + re.findall(r"file:\s*(\S+)", text)
+    return re.findall(r"^root:\s*(\S+)", text, re.M) + re.findall(
+        r"file:\s*(\S+)", text
+    )
 
 
 def check_page(html_dir: Path, page: str) -> list[str]:
@@ -35,7 +38,9 @@ def check_page(html_dir: Path, page: str) -> list[str]:
     is_notebook = (ROOT / f"{page}.ipynb").is_file()
     if is_notebook and "cell_output" not in html:
         problems.append(f"{page}: no cell outputs (did execution run?)")
-    if re.search(r"Traceback \(most recent call last\)|class=\"[^\"]*\btraceback\b", html):
+    if re.search(
+        r"Traceback \(most recent call last\)|class=\"[^\"]*\btraceback\b", html
+    ):
         problems.append(f"{page}: shows an error output")
     for src in re.findall(r"<img[^>]+src=\"([^\"]+)\"", html):
         if src.startswith(("http:", "https:", "data:")):
@@ -55,7 +60,10 @@ def main(html_dir: str = "_build/html") -> int:
     for p in problems:
         print("BOOK CHECK FAILED:", p)
     if not problems:
-        print(f"book check: {len(pages)} pages built, executed, no error outputs, images present")
+        print(
+            f"book check: {len(pages)} pages built, executed, no error outputs, images "
+            "present"
+        )
     return 1 if problems else 0
 
 

@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 from nbdev.export import ExportModuleProc
@@ -36,8 +37,11 @@ def chapters(nbs: Path = NBS) -> list[Path]:
 
 
 def generated_modules(lib: Path = LIB) -> list[Path]:
-    "Modules in `lib` written by the exporter (hand-written ones, like `__init__.py`, lack the mark)."
-    return sorted(p for p in lib.glob("*.py") if GENERATED_MARK in p.read_text(encoding="utf-8"))
+    """Modules in `lib` written by the exporter (hand-written ones, like `__init__.py`,
+    lack the mark)."""
+    return sorted(
+        p for p in lib.glob("*.py") if GENERATED_MARK in p.read_text(encoding="utf-8")
+    )
 
 
 def export_chapter(nb: Path, lib: Path) -> list[Path]:
@@ -50,11 +54,15 @@ def export_chapter(nb: Path, lib: Path) -> list[Path]:
             continue  # only the title cell: nothing exported
         name = getattr(exp, "default_exp", None) if mod == "#" else mod
         if not name:
-            raise SystemExit(f"{nb.name}: `#| export` cells but no `#| default_exp NAME` cell")
-        # is_new=True: we always regenerate whole modules, so `#| export NAME` may create NAME.
+            raise SystemExit(
+                f"{nb.name}: `#| export` cells but no `#| default_exp NAME` cell"
+            )
+        # is_new=True: we always regenerate whole modules, so `#| export NAME`
+        # may create NAME.
         maker = ModuleMaker(dest=lib, name=name, nb_path=nb, is_new=True)
         maker.make(cells, exp.in_all[mod], lib_path=lib)
         hoist_docstring(Path(maker.fname))
+        fit_page(Path(maker.fname))
         written.append(maker.fname)
     return written
 
@@ -64,23 +72,45 @@ FIRST_CELL_DOC = re.compile(r'(# %% [^\n]*\n)("""(?:[^"]|"(?!""))*""")\n')
 
 def hoist_docstring(module: Path) -> None:
     """A string literal that opens a module's first exported cell becomes the module's
-    docstring: it says what the module is. (nbdev writes a docstring only for a chapter's
-    default module, from the chapter's subtitle, which says what the chapter is about; the
-    cell's replaces it.)"""
+    docstring: it says what the module is. (nbdev writes a docstring only for a
+    chapter's default module, from the chapter's subtitle, which says what the chapter
+    is about; the cell's replaces it.)"""
     text = module.read_text(encoding="utf-8")
     first_cell = text.find("\n# %% ../")
     match = FIRST_CELL_DOC.match(text, first_cell + 1) if first_cell >= 0 else None
     if not match:
         return
-    text = text[: match.start()] + match.group(1) + text[match.end():]
+    text = text[: match.start()] + match.group(1) + text[match.end() :]
     if text.startswith(('"""', 'r"""')):  # nbdev's, from the chapter's subtitle
         opening = 4 if text.startswith("r") else 3
         text = text[text.index('"""', opening) + 3 :].lstrip("\n")
     module.write_text(match.group(2) + "\n\n" + text, encoding="utf-8")
 
 
+ALL_BLOCK = re.compile(r"^__all__ = \[([^\]]*)\]\n", re.MULTILINE)
+WIDTH = 88  # the book's page width, which tests/test_style.py checks
+
+
+def fit_page(module: Path) -> None:
+    """Wrap what nbdev writes on long lines, the `__all__` list and a docstring taken
+    from the chapter's subtitle, to the page width."""
+    text = module.read_text(encoding="utf-8")
+    doc_end = text.index('"""', 3) + 3 if text.startswith('"""') else 0
+    if doc_end and "\n" not in text[:doc_end]:  # a one-line docstring: nbdev's
+        lines = textwrap.wrap(text[3 : doc_end - 3], WIDTH - 3, break_on_hyphens=False)
+        text = '"""' + "\n".join(lines) + '"""' + text[doc_end:]
+    match = ALL_BLOCK.search(text)
+    if match:
+        names = " ".join(match.group(1).split())
+        body = textwrap.wrap(names, WIDTH - 4, break_on_hyphens=False)
+        block = "__all__ = [\n" + "".join(f"    {line}\n" for line in body) + "]\n"
+        text = text[: match.start()] + block + text[match.end() :]
+    module.write_text(text, encoding="utf-8")
+
+
 def export_all(nbs: Path = NBS, lib: Path = LIB) -> dict[Path, Path]:
-    "Regenerate all modules of `lib` from the chapters in `nbs`; return {module: chapter}."
+    """Regenerate all modules of `lib` from the chapters in `nbs`; return {module:
+    chapter}."""
     lib.mkdir(parents=True, exist_ok=True)
     for old in generated_modules(lib):  # a module no chapter exports any more must go
         old.unlink()
@@ -88,7 +118,9 @@ def export_all(nbs: Path = NBS, lib: Path = LIB) -> dict[Path, Path]:
     for nb in chapters(nbs):
         for mod in export_chapter(nb, lib):
             if mod in owner:
-                raise SystemExit(f"{mod.name} is exported by both {owner[mod].name} and {nb.name}")
+                raise SystemExit(
+                    f"{mod.name} is exported by both {owner[mod].name} and {nb.name}"
+                )
             owner[mod] = nb
     return owner
 
@@ -99,17 +131,34 @@ def diff_against_fresh_export(root: Path = ROOT) -> list[str]:
         tmp = Path(tmp)
         shutil.copytree(root / "nbs", tmp / "nbs")
         export_all(tmp / "nbs", tmp / "gpt2lib")
-        fresh = {p.name: p.read_text(encoding="utf-8") for p in generated_modules(tmp / "gpt2lib")}
-    have = {p.name: p.read_text(encoding="utf-8") for p in generated_modules(root / "gpt2lib")}
-    problems = [f"{n}: not exported yet (run python tools/export.py)" for n in fresh.keys() - have.keys()]
-    problems += [f"{n}: no chapter exports it any more" for n in have.keys() - fresh.keys()]
-    problems += [f"{n}: differs from its chapter" for n in fresh.keys() & have.keys() if fresh[n] != have[n]]
+        fresh = {
+            p.name: p.read_text(encoding="utf-8")
+            for p in generated_modules(tmp / "gpt2lib")
+        }
+    have = {
+        p.name: p.read_text(encoding="utf-8")
+        for p in generated_modules(root / "gpt2lib")
+    }
+    problems = [
+        f"{n}: not exported yet (run python tools/export.py)"
+        for n in fresh.keys() - have.keys()
+    ]
+    problems += [
+        f"{n}: no chapter exports it any more" for n in have.keys() - fresh.keys()
+    ]
+    problems += [
+        f"{n}: differs from its chapter"
+        for n in fresh.keys() & have.keys()
+        if fresh[n] != have[n]
+    ]
     return sorted(problems)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="only report whether gpt2lib/ is in sync")
+    ap.add_argument(
+        "--check", action="store_true", help="only report whether gpt2lib/ is in sync"
+    )
     args = ap.parse_args(argv)
     if args.check:
         problems = diff_against_fresh_export()

@@ -1,0 +1,108 @@
+"""Every notebook of the book opens with the install cell that makes it run in Colab or
+Binder, and `tools/pin_commit.py` pins that cell to one commit."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import pin_commit  # noqa: E402
+
+
+def first_code(path: Path) -> str:
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    return "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"])
+
+
+NOTEBOOKS = pin_commit.book_notebooks()
+
+
+def test_the_toc_lists_every_chapter():
+    assert {p.name for p in ROOT.glob("nbs/*.ipynb")} <= {p.name for p in NOTEBOOKS}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_starts_with_the_install_cell(path):
+    "One cell everywhere (only the folder it works in differs), unpinned in the repo."
+    canonical = first_code(ROOT / "nbs/01_hf_gpt2.ipynb")
+    folder = path.parent.name
+    code = first_code(path)
+    if folder == "book":  # the About pages work in book/ and read results/ from there
+        code = code.replace(
+            "its book/ folder (this page reads\n# results/",
+            "its nbs/ folder (the chapters read\n# book/results/",
+        ).replace('"gpt2-from-scratch/book"', '"gpt2-from-scratch/nbs"')
+    assert code == canonical
+    assert 'BOOK_COMMIT = "main"' in first_code(path)
+    assert f'os.chdir("gpt2-from-scratch/{folder}")' in first_code(path)
+
+
+def run_install_cell(monkeypatch, installed: bool) -> list:
+    "Execute chapter 1's install cell with subprocess and chdir recorded, not run."
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(os, "chdir", lambda path: calls.append(["chdir", path]))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (
+            (real(name, *a) if installed else None)
+            if name == "gpt2lib"
+            else real(name, *a)
+        ),
+    )
+    monkeypatch.delenv("GPT2LIB_REPO", raising=False)
+    exec(first_code(ROOT / "nbs/01_hf_gpt2.ipynb"), {})
+    return calls
+
+
+def test_install_cell_does_nothing_where_gpt2lib_is_installed(monkeypatch):
+    assert run_install_cell(monkeypatch, installed=True) == []
+
+
+def test_install_cell_installs_the_pinned_commit(monkeypatch):
+    calls = run_install_cell(monkeypatch, installed=False)
+    clone, checkout, pip, chdir = calls
+    assert clone[:3] == ["git", "clone", "-q"] and "github.com" in clone[3]
+    assert checkout[-1] == "main"
+    # not `-e`: an editable install is not importable by the kernel already running
+    assert pip[1:] == ["-m", "pip", "install", "-q", "./gpt2-from-scratch"]
+    assert chdir == ["chdir", "gpt2-from-scratch/nbs"]
+
+
+def test_pin_commit_changes_only_the_pin(tmp_path):
+    path = tmp_path / "nb.ipynb"
+    path.write_bytes((ROOT / "nbs/01_hf_gpt2.ipynb").read_bytes())
+    pin_commit.pin(path, "0123abc")
+    before = (ROOT / "nbs/01_hf_gpt2.ipynb").read_text().splitlines()
+    after = path.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 1
+    assert 'BOOK_COMMIT = \\"0123abc\\"' in changed[0][1]
+
+
+def test_pin_commit_refuses_a_notebook_without_the_cell(tmp_path):
+    path = tmp_path / "nb.ipynb"
+    nb = {"cells": [{"cell_type": "code", "source": ["print(1)"], "metadata": {}}]}
+    path.write_text(json.dumps(nb))
+    with pytest.raises(SystemExit, match="not the install cell"):
+        pin_commit.pin(path, "0123abc")
+
+
+def test_binder_installs_the_cpu_torch_and_the_package():
+    lines = [
+        line.split("#")[0].strip()
+        for line in (ROOT / "binder/requirements.txt").read_text().splitlines()
+    ]
+    torch_pin = [line for line in lines if line.startswith("torch")]
+    # a +cpu local version exists only on PyTorch's CPU index: no CUDA build can match
+    assert len(torch_pin) == 1 and torch_pin[0].endswith("+cpu")
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines
+    assert "-e ." in lines
