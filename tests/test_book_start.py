@@ -43,8 +43,9 @@ def test_notebook_starts_with_the_install_cell(path):
     assert f'os.chdir("gpt2-from-scratch/{folder}")' in first_code(path)
 
 
-def run_install_cell(monkeypatch, installed: bool) -> list:
+def run_install_cell(monkeypatch, installed: bool, tmp_path: Path) -> list:
     "Execute chapter 1's install cell with subprocess and chdir recorded, not run."
+    monkeypatch.chdir(tmp_path)  # a fresh Colab folder: no clone there yet
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     monkeypatch.setattr(os, "chdir", lambda path: calls.append(["chdir", path]))
@@ -63,12 +64,12 @@ def run_install_cell(monkeypatch, installed: bool) -> list:
     return calls
 
 
-def test_install_cell_does_nothing_where_gpt2lib_is_installed(monkeypatch):
-    assert run_install_cell(monkeypatch, installed=True) == []
+def test_install_cell_does_nothing_where_gpt2lib_is_installed(monkeypatch, tmp_path):
+    assert run_install_cell(monkeypatch, installed=True, tmp_path=tmp_path) == []
 
 
-def test_install_cell_installs_the_pinned_commit(monkeypatch):
-    calls = run_install_cell(monkeypatch, installed=False)
+def test_install_cell_installs_the_pinned_commit(monkeypatch, tmp_path):
+    calls = run_install_cell(monkeypatch, installed=False, tmp_path=tmp_path)
     clone, checkout, pip, chdir = calls
     assert clone[:3] == ["git", "clone", "-q"] and "github.com" in clone[3]
     assert checkout[-1] == "main"
@@ -106,3 +107,14 @@ def test_binder_installs_the_cpu_torch_and_the_package():
     assert len(torch_pin) == 1 and torch_pin[0].endswith("+cpu")
     assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines
     assert "-e ." in lines
+
+
+def test_install_cell_rerun_keeps_the_clone(monkeypatch, tmp_path):
+    "A rerun after a failed pip install must not fail on the existing clone."
+    (tmp_path / "gpt2-from-scratch").mkdir()
+    calls = run_install_cell(monkeypatch, installed=False, tmp_path=tmp_path)
+    assert [c[:2] for c in calls] == [
+        ["git", "-C"],
+        [sys.executable, "-m"],
+        ["chdir", "gpt2-from-scratch/nbs"],
+    ]
