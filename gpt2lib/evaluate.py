@@ -169,8 +169,7 @@ def render_example(example: dict, enc=None, max_len: int | None = None):
         if cut >= len(ctx):
             raise ValueError(
                 f"an ending of {max(len(e) for e in endings)} tokens does not fit in "
-                f"{max_len} "
-                "tokens after its context"
+                f"{max_len} tokens after its context"
             )
         ctx = ctx[cut:]
     tokens = torch.zeros((4, len(ctx) + max(len(e) for e in endings)), dtype=torch.long)
@@ -198,9 +197,8 @@ def score_example(model, tokens: torch.Tensor, mask: torch.Tensor) -> Scores:
     losses = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none"
     )
-    ending = mask[
-        :, 1:
-    ].float()  # the loss at column t is the prediction of token t + 1
+    # the loss at column t is the prediction of token t + 1
+    ending = mask[:, 1:].float()
     sum_loss = (losses.view(tokens.size(0), -1) * ending).sum(dim=1)
     mean_loss = sum_loss / ending.sum(dim=1)
     return Scores(sum_loss, mean_loss, int(sum_loss.argmin()), int(mean_loss.argmin()))
@@ -234,8 +232,7 @@ def check_examples_fit(
     if too_long:
         raise ValueError(
             f"{too_long} of {len(examples)} HellaSwag examples have an ending too long "
-            "for block_size "
-            f"{block_size}; use a longer block_size, or no HellaSwag"
+            f"for block_size {block_size}; use a longer block_size, or no HellaSwag"
         )
 
 
@@ -265,16 +262,13 @@ def evaluate_hellaswag(
         tokens, mask, label = render_example(examples[i], enc, max_len)
         with autocast():
             scores = score_example(model, tokens.to(device), mask.to(device))
-        n, correct, correct_norm = (
-            n + 1,
-            correct + (scores.pred == label),
-            correct_norm + (scores.pred_norm == label),
-        )
+        n += 1
+        correct += scores.pred == label
+        correct_norm += scores.pred_norm == label
     model.train(was_training)
     counts = torch.tensor([n, correct, correct_norm], dtype=torch.long, device=device)
-    n, correct, correct_norm = all_reduce_sum(
-        counts
-    ).tolist()  # summed over the ranks (chapter 6)
+    # summed over the ranks (chapter 6)
+    n, correct, correct_norm = all_reduce_sum(counts).tolist()
     nan = float("nan")
     return {
         "acc": correct / n if n else nan,
@@ -290,9 +284,8 @@ def reference_figures() -> list[dict]:
     gpt2lib/assets."""
     from importlib.resources import files
 
-    return json.loads(
-        (files("gpt2lib") / "assets" / "hellaswag_reference.json").read_text()
-    )["figures"]
+    path = files("gpt2lib") / "assets" / "hellaswag_reference.json"
+    return json.loads(path.read_text())["figures"]
 
 # %% ../nbs/08_eval.ipynb #c033
 from .checkpoint import MODEL_SPEC_HELP, load_model

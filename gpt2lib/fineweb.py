@@ -144,11 +144,8 @@ def read_jsonl_texts(path, text_field: str = "text") -> Iterator[str]:
                         f"{type(text).__name__}, not text"
                     )
                 yield text
-    except (
-        EOFError,
-        zlib.error,
-        gzip.BadGzipFile,
-    ) as err:  # a truncated or damaged .gz
+    # a truncated or damaged .gz
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise ValueError(
             f"{path}: the gzip file is damaged or incomplete after line {line_no} "
             f"({type(err).__name__}: {err})"
@@ -173,21 +170,18 @@ def hub_documents(
     """The texts of a hub dataset, streamed. Fails fast, with what to do instead, when
     the hub is unreachable."""
     if not hub_reachable():
+        why = (
+            " because HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else ""
+        )
         raise RuntimeError(
-            f"cannot reach the Hugging Face hub to stream {dataset} ({name})"
-            + (
-                " because HF_HUB_OFFLINE is set"
-                if os.environ.get("HF_HUB_OFFLINE")
-                else ""
-            )
-            + ". Download its parquet files where there is a network and pass them "
-            "with --local PATH."
+            f"cannot reach the Hugging Face hub to stream {dataset} ({name}){why}. "
+            "Download its parquet files where there is a network and pass them with "
+            "--local PATH."
         )
     from datasets import load_dataset
 
-    rows = load_dataset(dataset, name=name, split=split, streaming=True).select_columns(
-        [text_field]
-    )
+    rows = load_dataset(dataset, name=name, split=split, streaming=True)
+    rows = rows.select_columns([text_field])
     return (row[text_field] for row in rows)
 
 # %% ../nbs/07_fineweb.ipynb #c011
@@ -307,9 +301,8 @@ def check_manifest(out: Path, manifest: dict, settings: dict) -> dict:
     ]
     if changed:
         raise ValueError(
-            f"{out} holds shards made with other settings: {'; '.join(changed)}. Rerun "
-            "with the "
-            "same settings to resume, or use another --out"
+            f"{out} holds shards made with other settings: {'; '.join(changed)}. "
+            "Rerun with the same settings to resume, or use another --out"
         )
     # cheap check (the header only); verify_shards reads everything
     for shard in manifest["shards"]:
@@ -357,14 +350,11 @@ def tokenized(docs: Iterable[str], workers: int, chunksize: int = 16):
     try:
         yield pool.imap(tokenize_doc, docs, chunksize=chunksize)
     except BaseException:
-        # Stopped by Ctrl-C or an error: stop the workers. Pool.terminate()
-        # first takes the task queue's
-        # lock, which an idle worker holds while it waits for a task that a
-        # stalled reader of the
-        # documents (a slow download) may never send; so give it a few
-        # seconds, then kill the workers
-        # (terminate() has stopped the pool from starting new ones by then).
-        # Nothing in them is needed.
+        # Stopped by Ctrl-C or an error: stop the workers. Pool.terminate() first
+        # takes the task queue's lock, which an idle worker holds while it waits for
+        # a task that a stalled reader of the documents (a slow download) may never
+        # send; so give it a few seconds, then kill the workers (terminate() has
+        # stopped the pool from starting new ones by then). Nothing in them is needed.
         stopper = threading.Thread(target=pool.terminate, daemon=True)
         stopper.start()
         stopper.join(timeout=5)
@@ -521,9 +511,8 @@ def _write_shards(
     if filled:
         add_shard(buf[:filled], next_doc=n_docs, next_offset=0)
     if not shards:
-        raise ValueError(
-            f"no documents in {manifest['settings']['source']}: nothing to shard"
-        )
+        source = manifest["settings"]["source"]
+        raise ValueError(f"no documents in {source}: nothing to shard")
     manifest.update(finished=True, docs=n_docs, tokens=sum(s["tokens"] for s in shards))
     save_manifest(out, manifest)
     return summary()
@@ -607,19 +596,15 @@ def main(argv=None) -> int:
         problems = verify_shards(args.out)
         if problems:
             raise ValueError("; ".join(problems))
-        print(
-            f"{args.out}: all {len(read_manifest(args.out)['shards'])} shards match "
-            "the manifest"
-        )
+        n = len(read_manifest(args.out)["shards"])
+        print(f"{args.out}: all {n} shards match the manifest")
         return 0
     if args.local:
         files = document_files(args.local)
+        docs = local_documents(files, args.text_field)
         # absolute paths: the same files named another way are the same source
         # when resuming
-        docs, source = (
-            local_documents(files, args.text_field),
-            "local: " + ", ".join(str(p.resolve()) for p in files),
-        )
+        source = "local: " + ", ".join(str(p.resolve()) for p in files)
     else:
         docs = hub_documents(args.dataset, args.name, args.split, args.text_field)
         source = f"{args.dataset} ({args.name}, {args.split})"
@@ -637,8 +622,8 @@ def main(argv=None) -> int:
         )
     except KeyboardInterrupt:
         print(
-            "\ninterrupted: the finished shards are kept; rerun the same command to "
-            "resume",
+            "\ninterrupted: the finished shards are kept; "
+            "rerun the same command to resume",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
@@ -650,11 +635,10 @@ def main(argv=None) -> int:
         return 0
     state = "done" if s["finished"] else "stopped; rerun the same command to continue"
     print(
-        f"{state}: {s['shards']} shards, {s['tokens']:,} tokens in {s['out']}; this "
-        "run tokenized "
-        f"{s['new_tokens']:,} tokens in {s['seconds']:.1f} s "
-        f"({s['tokens_per_s'] / s['workers']:,.0f} tokens/s per worker, {s['workers']} "
-        "workers)"
+        f"{state}: {s['shards']} shards, {s['tokens']:,} tokens in {s['out']}; "
+        f"this run tokenized {s['new_tokens']:,} tokens in {s['seconds']:.1f} s "
+        f"({s['tokens_per_s'] / s['workers']:,.0f} tokens/s per worker, "
+        f"{s['workers']} workers)"
     )
     return 0
 
