@@ -291,7 +291,7 @@ def generate_tokens(
     for _ in range(max_new_tokens):
         if cache is not None and cache.length < block_size:
             logits, _ = model(idx[:, -1:], kv_cache=cache)  # the newest token only
-        else:  # the first step, no cache, or a full window: the newest block_size tokens
+        else:  # first step, no cache, or a full window: the newest block_size tokens
             cache = KVCache(model.config) if use_cache else None
             logits, _ = model(model.crop(idx), kv_cache=cache)
         next_token = sample_next(logits[:, -1, :], temperature, top_k, generator)
