@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .hub import GPT2_SHAPES, hub_reachable
-from .model import GPT, GPTConfig
+import gpt2lib.model  # by module: a caller may load into its own GPT class
 from .tokenizer import EOT_TOKEN
 
 HF_NAMES = {
@@ -41,9 +41,8 @@ def resolve_pretrained(name_or_dir) -> Path:
     if str(name_or_dir) not in HF_NAMES:
         raise FileNotFoundError(
             f"{str(name_or_dir)!r} is neither a directory nor a released GPT-2 name. "
-            "Give a local "
-            f"directory in HF format (config.json + one of {', '.join(WEIGHT_FILES)}) "
-            "or one of: " + ", ".join(GPT2_SHAPES)
+            "Give a local directory in HF format (config.json + one of "
+            f"{', '.join(WEIGHT_FILES)}) or one of: " + ", ".join(GPT2_SHAPES)
         )
     from huggingface_hub import snapshot_download
 
@@ -58,24 +57,17 @@ def resolve_pretrained(name_or_dir) -> Path:
     if not hub_reachable():
         raise FileNotFoundError(
             f"{name_or_dir!r} is not in the local HF cache and the Hugging Face hub "
-            "cannot be "
-            "reached (offline, or HF_HUB_OFFLINE=1). Download it where the hub is "
-            "reachable, or "
-            "pass a local directory in HF format."
+            "cannot be reached (offline, or HF_HUB_OFFLINE=1). Download it where the "
+            "hub is reachable, or pass a local directory in HF format."
         )
     return Path(snapshot_download(repo, allow_patterns=patterns))
 
 # %% ../nbs/02_model.ipynb #c024
-# what config.json must give; n_positions defaults
-SHAPE_KEYS = (
-    "vocab_size",
-    "n_layer",
-    "n_head",
-    "n_embd",
-)
+# what config.json must give (n_positions has a default)
+SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd")
 
 
-def read_hf_config(model_dir) -> GPTConfig:
+def read_hf_config(model_dir) -> gpt2lib.model.GPTConfig:
     """Our GPTConfig from an HF GPT-2 `config.json`; a clear error naming the file for
     anything else."""
     path = Path(model_dir) / "config.json"
@@ -113,7 +105,7 @@ def read_hf_config(model_dir) -> GPTConfig:
             f"{path}: {', '.join(wrong)}; a GPT-2 config gives these as whole numbers"
         )
     try:
-        return GPTConfig(**shape)
+        return gpt2lib.model.GPTConfig(**shape)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 
@@ -127,13 +119,10 @@ def read_hf_state_dict(model_dir) -> dict:
     def read(path, reader):
         try:
             return reader(path)
-        # truncated or damaged: safetensors, pickle and JSON each raise their
-        # own
-        except Exception as err:
+        except Exception as err:  # safetensors, pickle and JSON each raise their own
             raise ValueError(
                 f"{path}: cannot be read ({type(err).__name__}); the file is damaged "
-                "or "
-                "incomplete, download or export it again"
+                "or incomplete, download or export it again"
             ) from None
 
     if (model_dir / "model.safetensors").is_file():
@@ -204,13 +193,12 @@ def convert_hf_state_dict(hf_sd: dict, ours: dict) -> dict:
             )
             raise ValueError(
                 f"{key}: checkpoint shape {hf_shape} (as stored) does not fit the "
-                "model's "
-                f"{tuple(expected[key].shape)}"
+                f"model's {tuple(expected[key].shape)}"
             )
     return converted
 
 
-def load_hf_state_dict(model: GPT, hf_sd: dict) -> GPT:
+def load_hf_state_dict(model, hf_sd: dict):
     """Copy an HF GPT2LMHeadModel state dict into `model` (see `convert_hf_state_dict`);
     returns `model`."""
     ours = model.state_dict()
@@ -220,16 +208,18 @@ def load_hf_state_dict(model: GPT, hf_sd: dict) -> GPT:
     return model
 
 
-def load_pretrained(name_or_dir) -> GPT:
-    """Our GPT, in eval mode, with the weights of a released name or a local HF-format
-    directory."""
+def load_pretrained(name_or_dir, model_class=None):
+    """A GPT (`model_class`, default `gpt2lib.model.GPT`), in eval mode, with the
+    weights of a released name or a local HF-format directory."""
+    model_class = model_class or gpt2lib.model.GPT
     model_dir = resolve_pretrained(name_or_dir)
-    return load_hf_state_dict(
-        GPT(read_hf_config(model_dir)), read_hf_state_dict(model_dir)
-    ).eval()
+    model = model_class(read_hf_config(model_dir))
+    return load_hf_state_dict(model, read_hf_state_dict(model_dir)).eval()
 
 # %% ../nbs/02_model.ipynb #c026b
-def hf_config(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dict:
+def hf_config(
+    config: gpt2lib.model.GPTConfig, dtype: torch.dtype = torch.float32
+) -> dict:
     """The `config.json` of a transformers GPT2LMHeadModel that computes what a GPT of
     shape `config` does."""
     # a toy vocabulary has no <|endoftext|>
@@ -265,13 +255,13 @@ def hf_config(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dict:
     }
 
 
-def to_hf_state_dict(model: GPT) -> dict:
+def to_hf_state_dict(model) -> dict:
     """Our weights under transformers' GPT-2 names and layouts: the inverse of
     `convert_hf_state_dict`."""
     if model.lm_head.weight is not model.transformer.wte.weight:
         raise ValueError(
-            "lm_head.weight is not tied to transformer.wte.weight; GPT-2's format ties "
-            "them"
+            "lm_head.weight is not tied to transformer.wte.weight; GPT-2's format "
+            "ties them"
         )
     hf_sd = {}
     for key, tensor in model.state_dict().items():

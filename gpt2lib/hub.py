@@ -28,12 +28,8 @@ GPT2_SHAPES = {
 # %% ../nbs/01_hf_gpt2.ipynb #c009
 def hf_offline() -> bool:
     "True when the user told huggingface_hub to stay offline (HF_HUB_OFFLINE=1)."
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {
-        "1",
-        "true",
-        "yes",
-        "on",
-    }
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return value in {"1", "true", "yes", "on"}
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -43,9 +39,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection(
-            (url.hostname, url.port or 443), timeout=timeout
-        ).close()
+        socket.create_connection((url.hostname, url.port or 443), timeout).close()
         return True
     except OSError:
         return False
@@ -67,9 +61,8 @@ def load_hf_gpt2(name: str = "gpt2", seed: int = 0):
         if not local_only and not hub_reachable():
             break
         try:
-            return GPT2LMHeadModel.from_pretrained(
-                name, local_files_only=local_only
-            ).eval(), True
+            model = GPT2LMHeadModel.from_pretrained(name, local_files_only=local_only)
+            return model.eval(), True
         except OSError:
             continue
     torch.manual_seed(seed)  # same stand-in every time

@@ -5,8 +5,8 @@ that it loads the released weights and reproduces their logits."""
 
 # %% auto #0
 __all__ = [
-    'GPTConfig', 'manual_attention', 'CausalSelfAttention', 'MLP', 'Block',
-    'MaskPadding', 'GPT', 'sample_next'
+    'GPTConfig', 'causal_mask', 'manual_attention', 'CausalSelfAttention', 'MLP',
+    'Block', 'MaskPadding', 'GPT', 'sample_next', 'KVCache', 'generate_tokens'
 ]
 
 # %% ../nbs/02_model.ipynb #c004
@@ -28,19 +28,11 @@ class GPTConfig:
     # Two speed knobs that chapter 4 measures; neither changes the function computed.
     # "sdpa": PyTorch's fused attention; "manual": the masked softmax written out
     attn_impl: str = "sdpa"
-    pad_vocab_to: int = (
-        1  # store wte/lm_head rows for vocab_size rounded up to a multiple of this
-    )
+    # store wte/lm_head rows for vocab_size rounded up to a multiple of this
+    pad_vocab_to: int = 1
 
     def __post_init__(self):
-        for field in (
-            "block_size",
-            "vocab_size",
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "pad_vocab_to",
-        ):
+        for field in "block_size vocab_size n_layer n_head n_embd pad_vocab_to".split():
             if getattr(self, field) < 1:
                 raise ValueError(
                     f"GPTConfig.{field} must be positive, got {getattr(self, field)}"
@@ -60,13 +52,21 @@ class GPTConfig:
         return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 
 # %% ../nbs/02_model.ipynb #c006
+def causal_mask(T_q: int, T_k: int, device=None):
+    """True where a query may not look: the T_q queries are the last of the T_k
+    positions, and each sees only the keys up to its own position."""
+    ones = torch.ones(T_q, T_k, dtype=torch.bool, device=device)
+    return ones.triu(diagonal=T_k - T_q + 1)
+
+
 def manual_attention(q, k, v):
-    """Causal attention written out: scores, mask, softmax, weighted sum. q, k, v: (B,
-    n_head, T, head_dim)."""
-    T, head_dim = q.size(-2), q.size(-1)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)  # (B, n_head, T, T)
-    future = torch.triu(torch.ones(T, T, dtype=torch.bool, device=q.device), diagonal=1)
-    scores = scores.masked_fill(future, float("-inf"))
+    """Causal attention written out: scores, mask, softmax, weighted sum. q: (B, n_head,
+    T_q, head_dim), k and v: (B, n_head, T_k, head_dim) with T_q <= T_k."""
+    head_dim = q.size(-1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)  # (B, n_head, T_q, T_k)
+    scores = scores.masked_fill(
+        causal_mask(q.size(-2), k.size(-2), q.device), float("-inf")
+    )
     weights = F.softmax(scores, dim=-1)  # each row sums to 1 over the past
     return weights @ v, weights
 
@@ -74,17 +74,15 @@ def manual_attention(q, k, v):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head, self.n_embd, self.attn_impl = (
-            config.n_head,
-            config.n_embd,
-            config.attn_impl,
-        )
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.attn_impl = config.attn_impl
         # q, k, v for all heads at once
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE = True  # see GPT._init_weights
 
-    def forward(self, x):
+    def forward(self, x, kv_cache=None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): the heads become a batch dimension
@@ -92,10 +90,15 @@ class CausalSelfAttention(nn.Module):
             t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
             for t in (q, k, v)
         )
-        if self.attn_impl == "sdpa":
+        if kv_cache is not None:  # generation: the earlier positions' keys and values
+            k, v = kv_cache.append(layer, k, v)
+        if self.attn_impl == "manual":
+            y, _ = manual_attention(q, k, v)
+        elif k.size(2) == T:  # nothing cached: the square causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y, _ = manual_attention(q, k, v)
+            keep = ~causal_mask(T, k.size(2), x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.c_proj(y)
 
@@ -120,8 +123,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # attention: positions talk to each other
+    def forward(self, x, kv_cache=None, layer: int = 0):
+        # attention: positions talk to each other
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
         x = x + self.mlp(self.ln_2(x))  # MLP: each position thinks on its own
         return x
 
@@ -143,7 +147,7 @@ class MaskPadding(torch.autograd.Function):
     def backward(ctx, grad):
         return grad, None
 
-
+# %% ../nbs/02_model.ipynb #c018b
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -170,17 +174,20 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache=None):
         B, T = idx.shape
-        if T > self.config.block_size:
+        start = 0 if kv_cache is None else kv_cache.length  # positions already cached
+        if start + T > self.config.block_size:
             raise ValueError(
-                f"sequence of {T} tokens is longer than block_size "
+                f"sequence of {start + T} tokens is longer than block_size "
                 f"{self.config.block_size}"
             )
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
-        for block in self.transformer.h:
-            x = block(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += T
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab_size)
         # padding rows are never predicted: probability 0
         if logits.size(-1) != self.config.vocab_size:
@@ -189,26 +196,25 @@ class GPT(nn.Module):
         if targets is not None:
             # a view of the logits, no copy
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return logits[
-            ..., : self.config.vocab_size
-        ], loss  # the padding is not part of the answer
+        # the padding is not part of the answer
+        return logits[..., : self.config.vocab_size], loss
 
     def num_params(self) -> int:
         "Parameters, with the tied embedding counted once."
         return sum(p.numel() for p in self.parameters())
 
+    def crop(self, idx):
+        "The newest block_size tokens of each row of `idx`: all that the model reads."
+        return idx[:, -self.config.block_size :]
+
     @classmethod
     def from_pretrained(cls, name_or_dir: str) -> "GPT":
         """GPT-2 weights from a released name (gpt2, ..., gpt2-xl) or a local HF-format
-        directory."""
-        # HF's format has its own module, `gpt2lib.hf`
-        from gpt2lib.hf import (
-            load_pretrained,
-        )
+        directory, in a model of this class."""
+        from gpt2lib.hf import load_pretrained  # HF's format has its own module
 
-        return load_pretrained(name_or_dir)
+        return load_pretrained(name_or_dir, cls)
 
-    @torch.no_grad()
     def generate(
         self,
         idx,
@@ -216,20 +222,13 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = 50,
         generator=None,
+        use_cache: bool = True,
     ):
         """Append `max_new_tokens` sampled tokens to each row of `idx` (B, T); see
-        `sample_next`."""
-        if idx.size(1) > self.config.block_size:
-            raise ValueError(
-                f"prompt has {idx.size(1)} tokens, more than block_size "
-                f"{self.config.block_size}"
-            )
-        for _ in range(max_new_tokens):
-            # the newest block_size tokens
-            logits, _ = self(idx[:, -self.config.block_size :])
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, generator)
-            idx = torch.cat([idx, next_token], dim=1)
-        return idx
+        `generate_tokens`."""
+        return generate_tokens(
+            self, idx, max_new_tokens, temperature, top_k, generator, use_cache
+        )
 
 # %% ../nbs/02_model.ipynb #c031
 def sample_next(
@@ -247,3 +246,54 @@ def sample_next(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+# %% ../nbs/02_model.ipynb #c031b
+class KVCache:
+    """Every layer's keys and values (B, n_head, T, head_dim) of the positions read so
+    far, in buffers of block_size positions, so that a new token costs one position."""
+
+    def __init__(self, config: GPTConfig):
+        self.block_size = config.block_size
+        self.k, self.v = [None] * config.n_layer, [None] * config.n_layer
+        self.length = 0  # positions cached; GPT.forward advances it
+
+    def append(self, layer: int, k, v):
+        """Store `layer`'s keys and values of the new positions after the cached ones;
+        return those of all positions so far."""
+        start, end = self.length, self.length + k.size(2)
+        if self.k[layer] is None:  # the first call: room for block_size positions
+            shape = (k.size(0), k.size(1), self.block_size, k.size(3))
+            self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+# %% ../nbs/02_model.ipynb #c031d
+@torch.no_grad()
+def generate_tokens(
+    model: GPT,
+    idx,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    generator=None,
+    use_cache: bool = True,
+):
+    """`idx` (B, T) with `max_new_tokens` sampled tokens appended to each row (see
+    `sample_next`). With `use_cache`, each step after the first reads only the newest
+    token (KVCache); the tokens are the same either way."""
+    block_size = model.config.block_size
+    if idx.size(1) > block_size:
+        raise ValueError(
+            f"prompt has {idx.size(1)} tokens, more than block_size {block_size}"
+        )
+    cache = None
+    for _ in range(max_new_tokens):
+        if cache is not None and cache.length < block_size:
+            logits, _ = model(idx[:, -1:], kv_cache=cache)  # the newest token only
+        else:  # first step, no cache, or a full window: the newest block_size tokens
+            cache = KVCache(model.config) if use_cache else None
+            logits, _ = model(model.crop(idx), kv_cache=cache)
+        next_token = sample_next(logits[:, -1, :], temperature, top_k, generator)
+        idx = torch.cat([idx, next_token], dim=1)
+    return idx

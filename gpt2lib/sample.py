@@ -15,13 +15,12 @@ import math
 import torch
 
 from .checkpoint import MODEL_SPEC_HELP, load_model
-from .model import GPT
 from .runtime import command_name, resolve_device, run_command
 from .tokenizer import encode_prompt, get_encoding
 
 
 def complete(
-    model: GPT,
+    model,
     prompt: str,
     num_samples: int = 5,
     max_new_tokens: int = 30,
@@ -29,8 +28,8 @@ def complete(
     top_k: int | None = 50,
     seed: int | None = None,
 ) -> list[str]:
-    """`num_samples` continuations of `prompt` (an empty prompt starts from
-    <|endoftext|>)."""
+    """`num_samples` continuations of `prompt` from `model`, a GPT (an empty prompt
+    starts from <|endoftext|>)."""
     tokens = encode_prompt(prompt, model.config.vocab_size, model.config.block_size)
     device = next(model.parameters()).device
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)

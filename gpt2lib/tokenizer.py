@@ -28,8 +28,8 @@ def load_ranks(path=RANKS_PATH, sha256: str | None = RANKS_SHA256) -> dict[bytes
     data = Path(path).read_bytes()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise ValueError(
-            f"{path}: SHA-256 {hashlib.sha256(data).hexdigest()} is not the expected "
-            f"{sha256}"
+            f"{path}: SHA-256 {hashlib.sha256(data).hexdigest()} is not the "
+            f"expected {sha256}"
         )
     ranks = {}
     for line in data.splitlines():
@@ -73,7 +73,6 @@ def encode_prompt(
     if max(tokens) >= vocab_size:
         raise ValueError(
             f"the prompt has token id {max(tokens)}, but the model's vocab_size is "
-            f"{vocab_size}: "
-            "it was not trained with GPT-2's tokenizer"
+            f"{vocab_size}: it was not trained with GPT-2's tokenizer"
         )
     return tokens

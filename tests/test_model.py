@@ -18,9 +18,7 @@ def compare_with_hf(model: GPT, hf, B=2, T=None, seed=1):
     with torch.no_grad():
         logits, _ = model(seq)
         _, loss = model(seq[:, :-1], seq[:, 1:])  # predict token t+1 from tokens <= t
-        out = hf(
-            seq, labels=seq
-        )  # HF shifts the labels itself: the same T-1 predictions
+        out = hf(seq, labels=seq)  # HF shifts the labels itself: the same predictions
     return logits, out.logits, loss, out.loss
 
 
@@ -88,23 +86,14 @@ def test_generation_past_block_size_reads_the_newest_tokens(tiny_hf):
         idx, generator = prompt, torch.Generator().manual_seed(1)
         with torch.no_grad():
             for _ in range(6):
-                idx = torch.cat(
-                    [
-                        idx,
-                        sample_next(
-                            model(window(idx))[0][:, -1],
-                            top_k=None,
-                            generator=generator,
-                        ),
-                    ],
-                    1,
-                )
+                logits = model(window(idx))[0][:, -1]
+                next_token = sample_next(logits, top_k=None, generator=generator)
+                idx = torch.cat([idx, next_token], 1)
         return idx
 
     assert torch.equal(out, sampled(lambda idx: idx[:, -block:]))
-    assert not torch.equal(
-        out, sampled(lambda idx: idx[:, :block])
-    )  # the test tells the two apart
+    # the test tells the two apart
+    assert not torch.equal(out, sampled(lambda idx: idx[:, :block]))
 
 
 def test_sampling_is_reproducible_and_respects_top_k():
@@ -153,9 +142,8 @@ def test_unknown_name():
 def test_released_name_offline_is_a_clear_error(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
-    monkeypatch.setattr(
-        huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path)
-    )  # empty cache
+    # an empty cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="cannot be reached"):
         GPT.from_pretrained("gpt2")
 
@@ -209,10 +197,8 @@ def test_wrong_key_is_named(tmp_path, tiny_hf):
 def test_wrong_shape_names_key_and_shapes(tmp_path, tiny_hf):
     _, path = tiny_hf
 
-    def widen(sd):
-        sd["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(
-            32, 100
-        )  # HF layout (in, out); 128 expected
+    def widen(sd):  # HF layout (in, out); (32, 128) expected
+        sd["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(32, 100)
 
     with pytest.raises(ValueError) as err:
         GPT.from_pretrained(rewrite_weights(path, tmp_path / "bad", widen))
@@ -249,8 +235,18 @@ def test_init_follows_gpt2():
     std = lambda t: t.detach().std().item()
     assert abs(std(model.transformer.wte.weight) - 0.02) < 0.001
     assert abs(std(model.transformer.h[0].mlp.c_fc.weight) - 0.02) < 0.001
-    assert (
-        abs(std(model.transformer.h[0].mlp.c_proj.weight) - 0.02 / 4) < 0.0005
-    )  # 1/sqrt(2*8)
+    # 1/sqrt(2 * n_layer) = 1/4
+    assert abs(std(model.transformer.h[0].mlp.c_proj.weight) - 0.02 / 4) < 0.0005
     assert model.transformer.h[0].attn.c_attn.bias.abs().max() == 0
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_from_pretrained_fills_the_class_it_is_called_on(tiny_hf):
+    """A chapter that defines its own GPT checks that class, not the exported one."""
+    _, path = tiny_hf
+
+    class Mine(GPT):
+        pass
+
+    assert type(Mine.from_pretrained(path)) is Mine
+    assert type(GPT.from_pretrained(path)) is GPT

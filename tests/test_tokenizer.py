@@ -71,10 +71,9 @@ def test_endoftext_is_special():
     enc = get_encoding()
     assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
     assert 50256 not in enc.encode_ordinary("<|endoftext|>")
+    # tiktoken refuses special tokens in text by default
     with pytest.raises(ValueError):
-        enc.encode(
-            "<|endoftext|>"
-        )  # tiktoken refuses special tokens in text by default
+        enc.encode("<|endoftext|>")
 
 
 def test_damaged_rank_file_is_refused(tmp_path):
