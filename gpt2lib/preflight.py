@@ -119,8 +119,7 @@ def check_environment(env: dist.DistEnv, found: dict) -> str:
     devices = sorted(set(found["devices"]))
     return (
         f"torch {mine['torch']}, CUDA {mine['cuda'] or '-'}, NCCL "
-        f"{mine['nccl'] or '-'}; {env.world_size} "
-        f"process(es) on {', '.join(devices)}"
+        f"{mine['nccl'] or '-'}; {env.world_size} process(es) on {', '.join(devices)}"
         + (f" ({memory / 2**30:.0f} GiB)" if memory else "")
         + (
             f"; bf16 peak {found['peak_tflops']:,.0f} TFLOP/s"
@@ -238,16 +237,14 @@ def check_step(
         if fits is None:
             raise Failed(
                 f"out of memory at micro-batch {cfg.batch_size}, and no smaller one "
-                "that divides the "
-                "budget fits",
+                "that divides the budget fits",
                 "a smaller model, or a device with more memory",
             ) from None
         accum = cfg.total_batch_size // (fits * cfg.block_size * env.world_size)
         raise Failed(
             f"out of memory at micro-batch {cfg.batch_size}; {fits} fits",
             f"--batch-size {fits} (gradient accumulation of {accum} micro-steps keeps "
-            "total_batch_size "
-            f"{cfg.total_batch_size:,})",
+            f"total_batch_size {cfg.total_batch_size:,})",
         ) from None
     step_s = statistics.median(run["times"][1:])
     tokens_per_s = cfg.total_batch_size / step_s
@@ -269,9 +266,8 @@ def check_step(
     )
     return (
         f"{steps} steps of {cfg.total_batch_size:,} tokens (micro-batch "
-        f"{cfg.batch_size}"
-        f"{', compiled' if compile else ''}): {step_s * 1000:,.0f} ms/step, "
-        f"{tokens_per_s:,.0f} tokens/s"
+        f"{cfg.batch_size}{', compiled' if compile else ''}): {step_s * 1000:,.0f} "
+        f"ms/step, {tokens_per_s:,.0f} tokens/s"
         + (f", MFU {mfu:.1%}" if mfu is not None else "")
         + (f", peak memory {memory / 2**30:.1f} GiB" if memory is not None else "")
         + f"; the first step took {run['times'][0]:.1f} s"
@@ -360,8 +356,7 @@ def check_checkpoint(
         )
     return (
         f"{found['checkpoint_bytes'] / 2**20:,.1f} MB written in {found['save_s']:.2f} "
-        "s and read back as "
-        "--resume reads it; the next two steps' losses "
+        "s and read back as --resume reads it; the next two steps' losses "
         + ("are identical" if exact else f"agree within {allowed:.1e}")
     )
 

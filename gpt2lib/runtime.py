@@ -66,8 +66,7 @@ def resolve_device(name: str | None = None) -> str:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(
                 f"--device {name}: this machine has {torch.cuda.device_count()} "
-                "GPU(s), "
-                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+                f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
             )
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
@@ -252,8 +251,7 @@ def lock_directory(path, what: str = "run"):
             )
             raise DirectoryLocked(
                 f"{path} is in use by another {holder}: wait for it to finish or stop "
-                "it, "
-                "or use another directory"
+                "it, or use another directory"
             ) from None
         except OSError as err:  # a file system without locks
             raise OSError(

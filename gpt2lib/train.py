@@ -83,11 +83,10 @@ def load_data(cfg: TrainConfig):
     if not path.exists():
         raise FileNotFoundError(
             f"no training data at {path}. Use a shipped text "
-            f"({', '.join(SHIPPED_TEXTS)}), a .npy token file "
-            "or a directory of .npy shards. The gpt2-124m preset trains on FineWeb-Edu "
-            "shards: make them with "
-            f"`python -m gpt2lib.fineweb --out {path}` (chapter 7; about 10B tokens, "
-            "20 GB), or pass --data DIR."
+            f"({', '.join(SHIPPED_TEXTS)}), a .npy token file or a directory of .npy "
+            "shards. The gpt2-124m preset trains on FineWeb-Edu shards: make them "
+            f"with `python -m gpt2lib.fineweb --out {path}` (chapter 7; about 10B "
+            "tokens, 20 GB), or pass --data DIR."
         )
     train, val = split_shards(path)
     if not train:
@@ -124,9 +123,8 @@ def make_loaders(cfg: TrainConfig, env: dist.DistEnv):
     if cfg.eval_batches > available:
         raise ValueError(
             f"eval_batches = {cfg.eval_batches} is more than the validation data "
-            f"holds: {available} "
-            f"batches of {cfg.batch_size} × {cfg.block_size} tokens; lower "
-            "--eval-batches"
+            f"holds: {available} batches of {cfg.batch_size} × {cfg.block_size} "
+            "tokens; lower --eval-batches"
         )
     return loader, val_loader
 
@@ -255,8 +253,7 @@ class GracefulInterrupt:
         self.signal = signum
         print(
             f"\n{self._signals.Signals(signum).name}: finishing this step and saving a "
-            "checkpoint "
-            "(press Ctrl-C again to abort)",
+            "checkpoint (press Ctrl-C again to abort)",
             flush=True,
         )
 
@@ -358,7 +355,14 @@ def run_steps(
                     )
             t0 = time.perf_counter()
             loss, norm, lr = take_step(
-                cfg, env, step_model, optimizer, loader, step, evaluator.autocast, scaler
+                cfg,
+                env,
+                step_model,
+                optimizer,
+                loader,
+                step,
+                evaluator.autocast,
+                scaler,
             )
             # take_step waited for the device: the real step time
             dt = time.perf_counter() - t0
@@ -369,9 +373,7 @@ def run_steps(
             if scaled:
                 entry.update(norm=None if skipped else norm, scale=scaler.get_scale())
                 entry.update({"skipped": True} if skipped else {})
-            run.log(
-                {**entry, "dt": dt, "tokens_per_s": cfg.total_batch_size / dt}
-            )
+            run.log({**entry, "dt": dt, "tokens_per_s": cfg.total_batch_size / dt})
             # a skipped step is no divergence, unless the scale fell below 1: then
             # the gradients overflow fp16 even unscaled
             if skipped and scaler.get_scale() >= 1:
@@ -380,10 +382,8 @@ def run_steps(
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise Diverged(
                     f"the loss became {loss} (gradient norm {norm}) at step {step}: "
-                    "the run diverged "
-                    f"and was stopped; {checkpointer.latest()}. Lower --max-lr or "
-                    "raise "
-                    "--warmup-steps, in a new --out"
+                    f"the run diverged and was stopped; {checkpointer.latest()}. Lower "
+                    "--max-lr or raise --warmup-steps, in a new --out"
                 )
             bar.update()
             bar.set_postfix(
@@ -451,11 +451,9 @@ def check_memory(cfg: TrainConfig, device: str) -> None:
     if need > have:
         raise ValueError(
             f"a GPT with n_layer={cfg.n_layer}, n_embd={cfg.n_embd} and "
-            f"{cfg.model_config().padded_vocab_size:,} "
-            f"embedding rows has {n_params:,} parameters: {need / 2**30:,.1f} GiB for "
-            "the weights, "
-            f"gradients and AdamW alone, more than {where} ({have / 2**30:,.1f} GiB); "
-            "make it smaller"
+            f"{cfg.model_config().padded_vocab_size:,} embedding rows has {n_params:,} "
+            f"parameters: {need / 2**30:,.1f} GiB for the weights, gradients and AdamW "
+            f"alone, more than {where} ({have / 2**30:,.1f} GiB); make it smaller"
         )
 
 
@@ -567,8 +565,10 @@ def fit_batch_size(cfg: TrainConfig, env: dist.DistEnv, echo=print) -> TrainConf
         )
     accum = cfg.total_batch_size // (found * cfg.block_size * env.world_size)
     if env.is_main:
-        how = "fits in memory" if env.device.startswith("cuda") else (
-            f"divides the budget, at most {CPU_AUTO_LIMIT} off a CUDA GPU"
+        how = (
+            "fits in memory"
+            if env.device.startswith("cuda")
+            else (f"divides the budget, at most {CPU_AUTO_LIMIT} off a CUDA GPU")
         )
         echo(
             f"batch_size auto: {found}, the largest micro-batch that {how} on "
@@ -619,8 +619,7 @@ def train(
                 # nothing to resume from: starting here would erase an earlier run's log
                 run.refuse_earlier_run(
                     "it has no checkpoint to resume from; choose another --out (or "
-                    "delete "
-                    "those files to start over here)"
+                    "delete those files to start over here)"
                 )
 
         dist.on_main(claim)

@@ -334,7 +334,11 @@ def test_fineweb_preset_without_shards_says_what_to_run(tmp_path):
 
 def test_the_micro_batch_search_tries_the_divisors_of_the_budget_largest_first():
     from gpt2lib.dist import DistEnv
-    from gpt2lib.train import CPU_AUTO_LIMIT, largest_micro_batch, micro_batch_candidates
+    from gpt2lib.train import (
+        CPU_AUTO_LIMIT,
+        largest_micro_batch,
+        micro_batch_candidates,
+    )
 
     # 256 tokens of 32: 8 sequences per step, in micro-batches of 8, 4, 2 or 1
     assert micro_batch_candidates(SMOKE, 1) == [8, 4, 2, 1]
@@ -356,7 +360,9 @@ def test_the_micro_batch_search_tries_the_divisors_of_the_budget_largest_first()
     assert largest_micro_batch(SMOKE, DistEnv(), fits=lambda b: False) is None
 
 
-def test_batch_size_auto_keeps_the_budget_by_accumulation(straight, tmp_path, monkeypatch):
+def test_batch_size_auto_keeps_the_budget_by_accumulation(
+    straight, tmp_path, monkeypatch
+):
     """On out of memory above 2 sequences, "auto" trains with micro-batches of 2 and 4
     micro-steps: the same steps as the smoke preset's 4 × 2, up to fp32 rounding of
     the other order of summation (bench's fp32 tolerance, 1e-5 of the loss)."""
@@ -373,8 +379,11 @@ def test_batch_size_auto_keeps_the_budget_by_accumulation(straight, tmp_path, mo
     auto = dataclasses.replace(SMOKE, batch_size="auto")
     summary = train(auto, tmp_path, device="cpu", progress=False)
     assert summary["batch_size"] == 2
-    assert checkpoint.read_checkpoint(list_checkpoints(tmp_path)[-1])["config"][
-        "batch_size"
-    ] == 2  # what ran, so that --resume compares like with like
+    assert (
+        checkpoint.read_checkpoint(list_checkpoints(tmp_path)[-1])["config"][
+            "batch_size"
+        ]
+        == 2
+    )  # what ran, so that --resume compares like with like
     for a, b in zip(losses(tmp_path)[0], losses(straight[0])[0]):
         assert abs(a - b) <= 1e-5 * abs(b), (a, b)
