@@ -53,7 +53,12 @@ def test_log_has_the_promised_fields(straight):
 def test_stop_and_resume_give_identical_losses(straight, tmp_path):
     out, _ = straight
     first = train(SMOKE, tmp_path, device="cpu", stop_after=3, progress=False)
-    assert first == {"steps": 3, "finished": False}
+    assert first == {
+        "steps": 3,
+        "finished": False,
+        "precision": "fp32",  # what "auto" chose on the CPU
+        "batch_size": SMOKE.batch_size,
+    }
     train(SMOKE, tmp_path, device="cpu", resume=True, progress=False)
     assert losses(tmp_path) == losses(out)  # exactly equal, not approximately
 
