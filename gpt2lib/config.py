@@ -273,7 +273,14 @@ def value_parser(kind):
     if kind == int | str:  # batch_size: a number, or the word auto
 
         def int_or_auto(text):
-            return "auto" if text.strip().lower() == "auto" else int(text)
+            if text.strip().lower() == "auto":
+                return "auto"
+            try:
+                return int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected a whole number or auto, got {text!r}"
+                ) from None
 
         return int_or_auto
     if isinstance(kind, types.UnionType):  # X | None: 'none' is None

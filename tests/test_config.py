@@ -129,7 +129,7 @@ def test_value_parser_reads_booleans_and_optionals_by_their_type():
         parse_bool("maybe")
     parse_batch = value_parser(int | str)  # batch_size
     assert parse_batch("auto") == "auto" and parse_batch("12") == 12
-    with pytest.raises(ValueError):
+    with pytest.raises(argparse.ArgumentTypeError, match="a whole number or auto"):
         parse_batch("four")
     parse_opt = value_parser(int | None)
     assert parse_opt("none") is None and parse_opt("7") == 7

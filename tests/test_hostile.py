@@ -319,7 +319,7 @@ CASES = {
         "train",
         ["--preset", "smoke", "--out", "OUT", "--batch-size", "four"],
         2,
-        ["--batch-size", "invalid int value"],
+        ["--batch-size", "expected a whole number or auto, got 'four'"],
     ),
     "stop after 0": (
         "train",
