@@ -6,11 +6,11 @@ fused AdamW), with tokens/s, MFU and peak memory for each rung."""
 
 # %% auto #0
 __all__ = [
-    'PEAK_BF16_TFLOPS', 'LADDER', 'MODELS', 'REL_TOLERANCE', 'GPU_DEFAULTS',
-    'CPU_DEFAULTS', 'flops_per_token', 'peak_tflops', 'Recipe', 'Rung', 'build_model',
-    'sync', 'time_recipe', 'release_memory', 'skip_reason', 'run_ladder', 'precision',
-    'check_math', 'device_peak_tflops', 'format_table', 'parse_args', 'command_line',
-    'bench', 'main'
+    'PEAK_BF16_TFLOPS', 'LADDER', 'MODELS', 'NOT_ON_MPS', 'REL_TOLERANCE',
+    'GPU_DEFAULTS', 'CPU_DEFAULTS', 'flops_per_token', 'peak_tflops', 'Recipe', 'Rung',
+    'build_model', 'sync', 'time_recipe', 'release_memory', 'autocast_rung',
+    'skip_reason', 'run_ladder', 'precision', 'check_math', 'device_peak_tflops',
+    'format_table', 'parse_args', 'command_line', 'bench', 'main'
 ]
 
 # %% ../nbs/04_speed.ipynb #c004
@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,11 +32,14 @@ from .optim import configure_optimizer, train_step
 from gpt2lib.runtime import (
     atomic_write,
     autocast_for,
+    choose_precision,
     command_name,
     device_name,
+    grad_scaler,
     provenance,
     resolve_device,
     run_command,
+    scaled_train_step,
     set_tf32,
 )
 
@@ -80,6 +84,7 @@ class Recipe:
 
     tf32: bool = False
     bf16: bool = False
+    fp16: bool = False  # with a gradient scaler: a GPU without native bf16's autocast
     compile: bool = False
     attn_impl: str = "manual"
     pad_vocab_to: int = 1
@@ -160,12 +165,16 @@ def time_recipe(
         model, 6e-4, device_type=device.type, fused=recipe.fused_adamw
     )
     step_model = torch.compile(model) if recipe.compile else model
-    autocast = autocast_for(device, torch.bfloat16 if recipe.bf16 else torch.float32)
+    autocast = autocast_for(device, "bf16" if recipe.bf16 else "fp32")
+    step_fn = train_step
+    if recipe.fp16:
+        autocast = autocast_for(device, "fp16")
+        step_fn = partial(scaled_train_step, scaler=grad_scaler(device, "fp16"))
     loader = DataLoader(tokens, B, T)
 
     def step():
         batch = tuple(t.to(device, non_blocking=True) for t in loader.next_batch())
-        return train_step(
+        return step_fn(
             step_model, optimizer, [batch], lr=6e-4, grad_clip=1.0, autocast=autocast
         )[0]
 
@@ -199,11 +208,27 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def autocast_rung(rung: Rung, device: torch.device) -> Rung:
+    """The ladder's autocast rung as gpt2lib.train would run on `device` (the
+    appendix's `choose_precision`): fp16 with a gradient scaler on a GPU without native
+    bf16, such as a T4."""
+    if rung.change.get("bf16") and choose_precision(device) == "fp16":
+        return Rung("+ fp16 autocast", {"fp16": True}, cuda_only=True)
+    return rung
+
+
+# what Apple's mps does not run here (its autocast rung needs CUDA anyway)
+NOT_ON_MPS = {"compile": "torch.compile", "fused_adamw": "fused AdamW"}
+
+
 def skip_reason(
     rung: Rung, device: torch.device, compile: bool, max_batch_size: int | None
 ) -> str | None:
     if rung.cuda_only and device.type != "cuda":
         return "needs an NVIDIA GPU"
+    missing = [what for key, what in NOT_ON_MPS.items() if key in rung.change]
+    if device.type == "mps" and missing:
+        return f"{missing[0]} is not used on Apple's mps"
     if "compile" in rung.change and not compile:
         return "turned off (`--no-compile`)"
     if "batch_size" in rung.change and not max_batch_size:
@@ -248,6 +273,7 @@ def run_ladder(
     )
     try:
         for rung in LADDER:
+            rung = autocast_rung(rung, device)  # bf16, or fp16 where it applies
             reason = skip_reason(rung, device, compile, max_batch_size)
             if reason:
                 rows.append({"rung": rung.name, "status": "skipped", "reason": reason})
@@ -293,12 +319,22 @@ def run_ladder(
 # How far the losses of two runs of the same steps may drift apart, relative to the
 # loss, by the
 # less precise of the two (see the text above for where the numbers come from).
-REL_TOLERANCE = {"fp32": 1e-5, "tf32": 4 * 2**-11, "bf16": 4 * 2**-8}
+# fp16 keeps TF32's 11-bit significand (its range, not its precision, needs the
+# gradient scaler)
+REL_TOLERANCE = {
+    "fp32": 1e-5,
+    "tf32": 4 * 2**-11,
+    "fp16": 4 * 2**-11,
+    "bf16": 4 * 2**-8,
+}
 
 
 def precision(recipe: dict) -> str:
     "The precision a recipe's matrix multiplies round to."
-    return "bf16" if recipe["bf16"] else "tf32" if recipe["tf32"] else "fp32"
+    if recipe["bf16"]:
+        return "bf16"
+    # results measured before the fp16 rung have no "fp16"
+    return "fp16" if recipe.get("fp16") else "tf32" if recipe["tf32"] else "fp32"
 
 
 def check_math(rows: list[dict]) -> None:

@@ -206,10 +206,13 @@ class Checkpointer:
         loader,
         every: int = 0,
         keep: int = 3,
+        scaler: torch.amp.GradScaler | None = None,
     ):
         self.out_dir, self.config, self.env = Path(out_dir), config, env
         self.model, self.optimizer, self.loader = model, optimizer, loader
         self.every, self.keep = every, keep
+        # fp16's gradient scaler: its scale is part of the run's state
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -240,6 +243,8 @@ class Checkpointer:
             "rng": rng_state(self.env.device),
             "world_size": self.env.world_size,
         }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         try:
             return save_checkpoint(self.out_dir, step, state, self.keep)
         except OSError as err:
@@ -286,6 +291,9 @@ class Checkpointer:
         # a position in the whole run's tokens: any world size
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"], self.env.device)
+        # a run saved in bf16 or fp32 ("auto" on another GPU) starts a fresh scaler
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         if self.env.is_main and announce:
             saved_by = state.get("world_size", 1)
             note = (

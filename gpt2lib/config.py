@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .data import SHIPPED_TEXTS
 from .model import GPTConfig
+from .runtime import PRECISIONS
 from .tokenizer import EOT_TOKEN, encode_prompt
 
 
@@ -42,9 +43,10 @@ class TrainConfig:
         1  # chapter 4: 64 stores 50,304 embedding rows (faster), same function
     )
     # batch: B sequences per micro-batch per process (rank), accumulated over all
-    # ranks to
-    # total_batch_size tokens per step
-    batch_size: int = 16
+    # ranks to total_batch_size tokens per step; "auto": the largest B that fits
+    batch_size: int | str = dataclasses.field(
+        default=16, metadata={"metavar": "N|auto"}
+    )
     total_batch_size: int = 4096
     # optimizer (chapter 5)
     max_lr: float = 3e-3
@@ -68,8 +70,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     seed: int = 1337
-    # numerics: "auto" = bf16 autocast on CUDA, fp32 elsewhere (chapter 4); "bf16"
-    # or "fp32" to choose
+    # numerics: "auto" = bf16 autocast on a GPU with native bf16, fp16 with a
+    # gradient scaler on an older one, fp32 on a CPU or mps (the appendix); or one of
+    # "bf16", "fp16", "fp32"
     precision: str = "auto"
 
     def model_config(self) -> GPTConfig:
@@ -156,7 +159,10 @@ RULES = {  # field: (test, the allowed values in words)
         lambda v: 1 <= v <= 1024,
         "1 to 1024 (64 or 128 are the fast choices on a GPU)",
     ),
-    "batch_size": AT_LEAST_1,
+    "batch_size": (
+        lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
+        "at least 1, or auto (the largest that fits in memory)",
+    ),
     "total_batch_size": AT_LEAST_1,
     "max_lr": FINITE_POSITIVE,
     "min_lr_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
@@ -182,8 +188,9 @@ RULES = {  # field: (test, the allowed values in words)
     "keep_checkpoints": AT_LEAST_1,
     "seed": (lambda v: 0 <= v < 2**63, "0 to 2**63 - 1"),
     "precision": (
-        lambda v: v in ("auto", "bf16", "fp32"),
-        "auto (bf16 on CUDA, fp32 elsewhere), bf16 or fp32",
+        lambda v: v in PRECISIONS,
+        "auto (bf16 or fp16 on CUDA, as the GPU supports; fp32 elsewhere), bf16, fp16 "
+        "or fp32",
     ),
 }
 
@@ -209,17 +216,19 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             type_ok = True
         if not type_ok:
-            bad(field.name, f"of type {kind.__name__}")
+            bad(field.name, f"of type {getattr(kind, '__name__', kind)}")
         test, allowed = RULES[field.name]
         if not test(value):
             bad(field.name, allowed)
     if cfg.n_embd % cfg.n_head:
         bad("n_embd", f"divisible by n_head = {cfg.n_head}")
-    per_step = cfg.batch_size * cfg.block_size * world_size
+    # "auto" chooses a batch_size that divides the budget: 1 at least must
+    batch_size = 1 if cfg.batch_size == "auto" else cfg.batch_size
+    per_step = batch_size * cfg.block_size * world_size
     if cfg.total_batch_size % per_step:
         bad(
             "total_batch_size",
-            f"a multiple of batch_size × block_size × processes = {cfg.batch_size} × "
+            f"a multiple of batch_size × block_size × processes = {batch_size} × "
             f"{cfg.block_size} × {world_size} = {per_step:,}",
         )
     if cfg.warmup_steps > cfg.max_steps:
@@ -261,6 +270,19 @@ TRUE, FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 def value_parser(kind):
     """A function reading a command-line value of the field type `kind` (bool, int,
     float, str, X | None)."""
+    if kind == int | str:  # batch_size: a number, or the word auto
+
+        def int_or_auto(text):
+            if text.strip().lower() == "auto":
+                return "auto"
+            try:
+                return int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected a whole number or auto, got {text!r}"
+                ) from None
+
+        return int_or_auto
     if isinstance(kind, types.UnionType):  # X | None: 'none' is None
         inner = next(k for k in kind.__args__ if k is not type(None))
         parse_inner = value_parser(inner)
@@ -283,7 +305,9 @@ def add_config_arguments(ap: argparse.ArgumentParser) -> None:
     value."""
     group = ap.add_argument_group("settings (each replaces the preset's value)")
     for field in dataclasses.fields(TrainConfig):
-        kind = getattr(field.type, "__name__", str(field.type)).upper()
+        kind = field.metadata.get(
+            "metavar", getattr(field.type, "__name__", str(field.type)).upper()
+        )
         group.add_argument(
             option(field.name),
             dest=field.name,

@@ -8,15 +8,13 @@ was measured."""
 # %% auto #0
 __all__ = [
     'Check', 'Failed', 'check_environment', 'check_data', 'check_hellaswag',
-    'is_out_of_memory', 'release', 'build_parts', 'one_step', 'timed_steps',
-    'largest_micro_batch', 'check_step', 'scratch_directory', 'check_checkpoint',
-    'check_evaluation', 'duration', 'estimate', 'preflight', 'parse_args', 'main'
+    'build_parts', 'one_step', 'timed_steps', 'check_step', 'scratch_directory',
+    'check_checkpoint', 'check_evaluation', 'duration', 'estimate', 'preflight',
+    'parse_args', 'main'
 ]
 
 # %% ../nbs/09_train.ipynb #p001
 import argparse
-import dataclasses
-import gc
 import json
 import shutil
 import statistics
@@ -38,8 +36,11 @@ from gpt2lib.runtime import (
     DirectoryLocked,
     atomic_write,
     autocast_for,
+    choose_precision,
     command_name,
+    describe_precision,
     device_name,
+    grad_scaler,
     lock_directory,
     one_line,
     provenance,
@@ -48,12 +49,15 @@ from gpt2lib.runtime import (
 )
 from .sample import complete
 from gpt2lib.train import (
-    AUTOCAST_DTYPES,
     build_model,
+    fit_batch_size,
     gpu_defaults,
+    is_out_of_memory,
+    largest_micro_batch,
     load_hellaswag,
     make_loaders,
     rank_error,
+    release,
     run_arguments,
     setup_run,
     take_step,
@@ -115,8 +119,7 @@ def check_environment(env: dist.DistEnv, found: dict) -> str:
     devices = sorted(set(found["devices"]))
     return (
         f"torch {mine['torch']}, CUDA {mine['cuda'] or '-'}, NCCL "
-        f"{mine['nccl'] or '-'}; {env.world_size} "
-        f"process(es) on {', '.join(devices)}"
+        f"{mine['nccl'] or '-'}; {env.world_size} process(es) on {', '.join(devices)}"
         + (f" ({memory / 2**30:.0f} GiB)" if memory else "")
         + (
             f"; bf16 peak {found['peak_tflops']:,.0f} TFLOP/s"
@@ -172,20 +175,6 @@ def check_hellaswag(cfg: TrainConfig, found: dict) -> str:
     return f"{n:,} examples, each fits in block_size {cfg.block_size}"
 
 # %% ../nbs/09_train.ipynb #p005
-def is_out_of_memory(err: BaseException) -> bool:
-    return (
-        isinstance(err, (torch.OutOfMemoryError, MemoryError))
-        or "out of memory" in str(err).lower()
-    )
-
-
-def release(env: dist.DistEnv) -> None:
-    "Free what a failed or finished attempt held."
-    gc.collect()
-    if env.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def build_parts(cfg: TrainConfig, env: dist.DistEnv, compile: bool) -> dict:
     "The model, optimizer and wrappers, built as `gpt2lib.train` builds them."
     model, optimizer = build_model(cfg, env.device)
@@ -195,7 +184,8 @@ def build_parts(cfg: TrainConfig, env: dist.DistEnv, compile: bool) -> dict:
         "optimizer": optimizer,
         "eval_model": eval_model,
         "step_model": step_model,
-        "autocast": autocast_for(env.device, AUTOCAST_DTYPES[cfg.precision]),
+        "autocast": autocast_for(env.device, cfg.precision),
+        "scaler": grad_scaler(env.device, choose_precision(env.device, cfg.precision)),
         "done": 0,
     }
 
@@ -210,6 +200,7 @@ def one_step(cfg: TrainConfig, env: dist.DistEnv, parts: dict, loader) -> float:
         loader,
         parts["done"],
         parts["autocast"],
+        parts["scaler"],
     )
     parts["done"] += 1
     return loss
@@ -231,26 +222,6 @@ def timed_steps(
     return parts
 
 
-def largest_micro_batch(
-    cfg: TrainConfig, env: dist.DistEnv, compile: bool
-) -> int | None:
-    """The largest micro-batch below `cfg.batch_size` that divides the budget and fits
-    in memory (None: none)."""
-    for batch_size in range(cfg.batch_size - 1, 0, -1):
-        if cfg.total_batch_size % (batch_size * cfg.block_size * env.world_size):
-            continue
-        smaller = dataclasses.replace(cfg, batch_size=batch_size)
-        try:
-            timed_steps(smaller, env, compile, make_loaders(smaller, env)[0], 0)
-            return batch_size
-        except (RuntimeError, MemoryError) as err:
-            if not is_out_of_memory(err):
-                raise
-        finally:
-            release(env)
-    return None
-
-
 def check_step(
     cfg: TrainConfig, env: dist.DistEnv, compile: bool, steps: int, found: dict
 ) -> str:
@@ -261,20 +232,19 @@ def check_step(
         if not is_out_of_memory(err):
             raise
         release(env)
-        fits = largest_micro_batch(cfg, env, compile)
+        # gpt2lib.train's search, as --batch-size auto runs it
+        fits = largest_micro_batch(cfg, env, below=cfg.batch_size)
         if fits is None:
             raise Failed(
                 f"out of memory at micro-batch {cfg.batch_size}, and no smaller one "
-                "that divides the "
-                "budget fits",
+                "that divides the budget fits",
                 "a smaller model, or a device with more memory",
             ) from None
         accum = cfg.total_batch_size // (fits * cfg.block_size * env.world_size)
         raise Failed(
             f"out of memory at micro-batch {cfg.batch_size}; {fits} fits",
             f"--batch-size {fits} (gradient accumulation of {accum} micro-steps keeps "
-            "total_batch_size "
-            f"{cfg.total_batch_size:,})",
+            f"total_batch_size {cfg.total_batch_size:,})",
         ) from None
     step_s = statistics.median(run["times"][1:])
     tokens_per_s = cfg.total_batch_size / step_s
@@ -296,9 +266,8 @@ def check_step(
     )
     return (
         f"{steps} steps of {cfg.total_batch_size:,} tokens (micro-batch "
-        f"{cfg.batch_size}"
-        f"{', compiled' if compile else ''}): {step_s * 1000:,.0f} ms/step, "
-        f"{tokens_per_s:,.0f} tokens/s"
+        f"{cfg.batch_size}{', compiled' if compile else ''}): {step_s * 1000:,.0f} "
+        f"ms/step, {tokens_per_s:,.0f} tokens/s"
         + (f", MFU {mfu:.1%}" if mfu is not None else "")
         + (f", peak memory {memory / 2**30:.1f} GiB" if memory is not None else "")
         + f"; the first step took {run['times'][0]:.1f} s"
@@ -338,7 +307,14 @@ def check_checkpoint(
         t0 = time.perf_counter()
         try:
             Checkpointer(
-                scratch, cfg, env, run["model"], run["optimizer"], loader, keep=1
+                scratch,
+                cfg,
+                env,
+                run["model"],
+                run["optimizer"],
+                loader,
+                keep=1,
+                scaler=run["scaler"],
             ).save(run["done"])
         except OSError as err:
             raise Failed(
@@ -350,7 +326,13 @@ def check_checkpoint(
         )
         fresh, fresh_loader = build_parts(cfg, env, compile), make_loaders(cfg, env)[0]
         fresh["done"] = Checkpointer(
-            scratch, cfg, env, fresh["model"], fresh["optimizer"], fresh_loader
+            scratch,
+            cfg,
+            env,
+            fresh["model"],
+            fresh["optimizer"],
+            fresh_loader,
+            scaler=fresh["scaler"],
         ).restore(announce=False)
         # two steps each: the first step's loss shows the weights, the second
         # the optimizer's state too
@@ -363,7 +345,7 @@ def check_checkpoint(
     allowed = (
         0.0
         if exact
-        else REL_TOLERANCE["fp32" if cfg.precision == "fp32" else "bf16"]
+        else REL_TOLERANCE[choose_precision(env.device, cfg.precision)]
         * abs(continued[0])
     )
     if not all(abs(r - c) <= allowed for r, c in zip(resumed, continued)):
@@ -374,8 +356,7 @@ def check_checkpoint(
         )
     return (
         f"{found['checkpoint_bytes'] / 2**20:,.1f} MB written in {found['save_s']:.2f} "
-        "s and read back as "
-        "--resume reads it; the next two steps' losses "
+        "s and read back as --resume reads it; the next two steps' losses "
         + ("are identical" if exact else f"agree within {allowed:.1e}")
     )
 
@@ -533,8 +514,22 @@ def preflight(
         if env.is_main:
             echo(checks[-1].line())
 
+    def check_precision():
+        "The run's precision on this device, and its micro-batch (chosen if auto)."
+        nonlocal cfg
+        chosen = choose_precision(env.device, cfg.precision)
+        auto = cfg.batch_size == "auto"
+        cfg = fit_batch_size(cfg, env, echo=lambda text: None)
+        found["precision"] = chosen
+        return f"{describe_precision(env.device, chosen)}; micro-batch " + (
+            f"{cfg.batch_size} (auto: the largest that fits)"
+            if auto
+            else f"{cfg.batch_size}"
+        )
+
     check("environment", lambda: check_environment(env, found))
-    check("data", lambda: check_data(cfg, env, found))
+    check("precision", check_precision)
+    check("data", lambda: check_data(cfg, env, found), "precision")
     check("hellaswag", lambda: check_hellaswag(cfg, found))
     check("step", lambda: check_step(cfg, env, compile, steps, found), "loader")
     check("checkpoint", lambda: check_checkpoint(cfg, env, compile, out, found), "run")

@@ -40,15 +40,13 @@ def read_log(path) -> list[dict]:
             if number == len(lines) and not data.endswith(b"\n"):
                 print(
                     f"warning: {path}, line {number}: dropped an incomplete last line "
-                    "(the run stopped "
-                    "while writing it)",
+                    "(the run stopped while writing it)",
                     file=sys.stderr,
                 )
                 break
             raise ValueError(
                 f"{path}, line {number}: not a log entry; the file is damaged (repair "
-                "or delete "
-                "that line)"
+                "or delete that line)"
             ) from None
         entries.append(entry)
     return entries
@@ -129,9 +127,8 @@ class RunDir:
         if missing:
             print(
                 f"warning: {self.log_path} has no entry for {len(missing)} of the "
-                f"{step} steps before the "
-                f"checkpoint (steps {missing[0]} to {missing[-1]}); the log of this "
-                "run will have that gap",
+                f"{step} steps before the checkpoint (steps {missing[0]} to "
+                f"{missing[-1]}); the log of this run will have that gap",
                 file=sys.stderr,
             )
 
@@ -151,8 +148,7 @@ class RunDir:
         except OSError as err:
             raise OSError(
                 f"cannot append to {path} ({err.strerror or err}): the run stopped at "
-                "step "
-                f"{entry['step']}; make room, then continue it with --resume"
+                f"step {entry['step']}; make room, then continue it with --resume"
             ) from None
 
     def write_summary(

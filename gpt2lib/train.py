@@ -6,19 +6,24 @@ the loop."""
 
 # %% auto #0
 __all__ = [
-    'AUTOCAST_DTYPES', 'GPT2_124M_COMMANDS', 'load_data', 'make_loaders',
-    'load_hellaswag', 'Evaluator', 'GracefulInterrupt', 'Diverged', 'take_step',
-    'run_steps', 'gpu_defaults', 'wrap_model', 'check_memory', 'build_model', 'train',
-    'positive', 'run_arguments', 'parse_args', 'setup_run', 'rank_error', 'main'
+    'MEMORY_HEADROOM', 'CPU_AUTO_LIMIT', 'GPT2_124M_COMMANDS', 'load_data',
+    'make_loaders', 'load_hellaswag', 'Evaluator', 'GracefulInterrupt', 'Diverged',
+    'take_step', 'run_steps', 'gpu_defaults', 'wrap_model', 'check_memory',
+    'build_model', 'is_out_of_memory', 'release', 'micro_batch_candidates',
+    'micro_batch_fits', 'largest_micro_batch', 'fit_batch_size', 'train', 'positive',
+    'run_arguments', 'parse_args', 'setup_run', 'rank_error', 'main'
 ]
 
 # %% ../nbs/09_train.ipynb #c012
 import argparse
+import dataclasses
+import gc
 import math
 import os
 import signal
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,10 +57,15 @@ from .rundir import RunDir
 from gpt2lib.runtime import (
     USER_ERRORS,
     autocast_for,
+    choose_precision,
     command_name,
+    describe_precision,
+    device_name,
+    grad_scaler,
     one_line,
     resolve_device,
     run_command,
+    scaled_train_step,
     set_tf32,
 )
 from .sample import complete
@@ -73,11 +83,10 @@ def load_data(cfg: TrainConfig):
     if not path.exists():
         raise FileNotFoundError(
             f"no training data at {path}. Use a shipped text "
-            f"({', '.join(SHIPPED_TEXTS)}), a .npy token file "
-            "or a directory of .npy shards. The gpt2-124m preset trains on FineWeb-Edu "
-            "shards: make them with "
-            f"`python -m gpt2lib.fineweb --out {path}` (chapter 7; about 10B tokens, "
-            "20 GB), or pass --data DIR."
+            f"({', '.join(SHIPPED_TEXTS)}), a .npy token file or a directory of .npy "
+            "shards. The gpt2-124m preset trains on FineWeb-Edu shards: make them "
+            f"with `python -m gpt2lib.fineweb --out {path}` (chapter 7; about 10B "
+            "tokens, 20 GB), or pass --data DIR."
         )
     train, val = split_shards(path)
     if not train:
@@ -114,9 +123,8 @@ def make_loaders(cfg: TrainConfig, env: dist.DistEnv):
     if cfg.eval_batches > available:
         raise ValueError(
             f"eval_batches = {cfg.eval_batches} is more than the validation data "
-            f"holds: {available} "
-            f"batches of {cfg.batch_size} × {cfg.block_size} tokens; lower "
-            "--eval-batches"
+            f"holds: {available} batches of {cfg.batch_size} × {cfg.block_size} "
+            "tokens; lower --eval-batches"
         )
     return loader, val_loader
 
@@ -137,14 +145,6 @@ def load_hellaswag(cfg: TrainConfig) -> list[dict] | None:
     return examples
 
 # %% ../nbs/09_train.ipynb #c026
-# TrainConfig.precision
-AUTOCAST_DTYPES = {
-    "auto": None,
-    "bf16": torch.bfloat16,
-    "fp32": torch.float32,
-}
-
-
 class Evaluator:
     """Validation loss, HellaSwag and samples for a run, each when it is due, logged to
     the run directory."""
@@ -165,7 +165,7 @@ class Evaluator:
         self.eval_model = model if eval_model is None else eval_model
         self.val_loader, self.hellaswag = val_loader, hellaswag
         # the loop uses it too
-        self.autocast = autocast_for(env.device, AUTOCAST_DTYPES[cfg.precision])
+        self.autocast = autocast_for(env.device, cfg.precision)
 
     def eval_due(self, step: int) -> bool:
         return bool(
@@ -253,8 +253,7 @@ class GracefulInterrupt:
         self.signal = signum
         print(
             f"\n{self._signals.Signals(signum).name}: finishing this step and saving a "
-            "checkpoint "
-            "(press Ctrl-C again to abort)",
+            "checkpoint (press Ctrl-C again to abort)",
             flush=True,
         )
 
@@ -275,9 +274,11 @@ def take_step(
     loader,
     step: int,
     autocast,
+    scaler=None,
 ):
     """Optimizer step `step` of the run: its micro-batches (gradient accumulation), its
-    learning rate and chapter 5's `train_step`. Returns (the loss averaged over the
+    learning rate and chapter 5's `train_step` (with an active gradient `scaler`, for
+    fp16: the appendix's `scaled_train_step`). Returns (the loss averaged over the
     ranks, the gradient norm, lr)."""
     accum = grad_accum_steps(
         cfg.total_batch_size, cfg.batch_size, cfg.block_size, env.world_size
@@ -288,7 +289,9 @@ def take_step(
     ]
     lr = lr_at(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     no_sync = step_model.no_sync if env.distributed else nullcontext
-    loss, norm = train_step(
+    scaled = scaler is not None and scaler.is_enabled()
+    step_fn = partial(scaled_train_step, scaler=scaler) if scaled else train_step
+    loss, norm = step_fn(
         step_model,
         optimizer,
         batches,
@@ -317,9 +320,12 @@ def run_steps(
     start: int,
     stop_after: int | None = None,
     progress: bool = True,
+    scaler=None,
 ) -> tuple[int, bool]:
     """Steps `start`.. `max_steps` (fewer after Ctrl-C or `stop_after`); returns (steps
-    done, the signal that stopped the loop or None)."""
+    done, the signal that stopped the loop or None). `scaler`: fp16's gradient scaler.
+    """
+    scaled = scaler is not None and scaler.is_enabled()
     from tqdm.auto import tqdm
 
     interrupt, val_loss = GracefulInterrupt(), None
@@ -349,28 +355,35 @@ def run_steps(
                     )
             t0 = time.perf_counter()
             loss, norm, lr = take_step(
-                cfg, env, step_model, optimizer, loader, step, evaluator.autocast
+                cfg,
+                env,
+                step_model,
+                optimizer,
+                loader,
+                step,
+                evaluator.autocast,
+                scaler,
             )
             # take_step waited for the device: the real step time
             dt = time.perf_counter() - t0
-            run.log(
-                {
-                    "step": step,
-                    "loss": loss,
-                    "lr": lr,
-                    "norm": norm,
-                    "dt": dt,
-                    "tokens_per_s": cfg.total_batch_size / dt,
-                }
-            )
+            # fp16: a gradient overflowed at this scale, the update was skipped and
+            # the scale halved (JSON has no inf: the norm is logged as null)
+            skipped = scaled and math.isfinite(loss) and not math.isfinite(norm)
+            entry = {"step": step, "loss": loss, "lr": lr, "norm": norm}
+            if scaled:
+                entry.update(norm=None if skipped else norm, scale=scaler.get_scale())
+                entry.update({"skipped": True} if skipped else {})
+            run.log({**entry, "dt": dt, "tokens_per_s": cfg.total_batch_size / dt})
+            # a skipped step is no divergence, unless the scale fell below 1: then
+            # the gradients overflow fp16 even unscaled
+            if skipped and scaler.get_scale() >= 1:
+                norm = 0.0
             # the step has damaged the weights
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise Diverged(
                     f"the loss became {loss} (gradient norm {norm}) at step {step}: "
-                    "the run diverged "
-                    f"and was stopped; {checkpointer.latest()}. Lower --max-lr or "
-                    "raise "
-                    "--warmup-steps, in a new --out"
+                    f"the run diverged and was stopped; {checkpointer.latest()}. Lower "
+                    "--max-lr or raise --warmup-steps, in a new --out"
                 )
             bar.update()
             bar.set_postfix(
@@ -438,11 +451,9 @@ def check_memory(cfg: TrainConfig, device: str) -> None:
     if need > have:
         raise ValueError(
             f"a GPT with n_layer={cfg.n_layer}, n_embd={cfg.n_embd} and "
-            f"{cfg.model_config().padded_vocab_size:,} "
-            f"embedding rows has {n_params:,} parameters: {need / 2**30:,.1f} GiB for "
-            "the weights, "
-            f"gradients and AdamW alone, more than {where} ({have / 2**30:,.1f} GiB); "
-            "make it smaller"
+            f"{cfg.model_config().padded_vocab_size:,} embedding rows has {n_params:,} "
+            f"parameters: {need / 2**30:,.1f} GiB for the weights, gradients and AdamW "
+            f"alone, more than {where} ({have / 2**30:,.1f} GiB); make it smaller"
         )
 
 
@@ -455,6 +466,116 @@ def build_model(cfg: TrainConfig, device: str):
         model, cfg.max_lr, cfg.weight_decay, device_type=torch.device(device).type
     )
     return model, optimizer
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return (
+        isinstance(err, (torch.OutOfMemoryError, MemoryError))
+        or "out of memory" in str(err).lower()
+    )
+
+
+def release(env: dist.DistEnv) -> None:
+    "Free what a failed or finished attempt held."
+    gc.collect()
+    if env.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+# peak memory a micro-batch may take of a GPU's: the compiled model, the evaluation
+# and the allocator's fragmentation need the rest
+MEMORY_HEADROOM = 0.9
+# off a CUDA GPU a process out of memory is killed by the system rather than told,
+# and a larger micro-batch is no faster: "auto" tries the micro-batches up to this
+CPU_AUTO_LIMIT = 16
+
+
+def micro_batch_candidates(
+    cfg: TrainConfig, world_size: int, below: int | None = None
+) -> list[int]:
+    """The micro-batches B that divide the token budget (total_batch_size = B ×
+    block_size × processes × micro-steps), largest first; those below `below`."""
+    per_sequence = cfg.block_size * world_size
+    top = cfg.total_batch_size // per_sequence
+    top = top if below is None else min(top, below - 1)
+    return [
+        b for b in range(top, 0, -1) if cfg.total_batch_size % (b * per_sequence) == 0
+    ]
+
+
+def micro_batch_fits(cfg: TrainConfig, env: dist.DistEnv, batch_size: int) -> bool:
+    """Whether one training step with micro-batches of `batch_size` sequences fits in
+    the device's memory: a fresh model and AdamW (whose moments the first update
+    allocates), random tokens, the run's precision, not compiled (which needs less)."""
+    precision = choose_precision(env.device, cfg.precision)
+    try:
+        model, optimizer = build_model(cfg, env.device)
+        x, y = torch.randint(
+            cfg.vocab_size, (2, batch_size, cfg.block_size), device=env.device
+        )
+        autocast, scaler = autocast_for(env.device, precision), None
+        if precision == "fp16":
+            scaler = grad_scaler(env.device, precision)
+        step_fn = partial(scaled_train_step, scaler=scaler) if scaler else train_step
+        if env.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(env.device)
+        step_fn(model, optimizer, [(x, y)], cfg.max_lr, autocast=autocast)
+        if not env.device.startswith("cuda"):
+            return True
+        total = torch.cuda.get_device_properties(env.device).total_memory
+        return torch.cuda.max_memory_allocated(env.device) <= MEMORY_HEADROOM * total
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
+            raise
+        return False
+    finally:
+        model = optimizer = x = y = None
+        release(env)
+
+
+def largest_micro_batch(
+    cfg: TrainConfig, env: dist.DistEnv, below: int | None = None, fits=None
+) -> int | None:
+    """The largest micro-batch (below `below`) that divides the budget and fits in
+    memory on every rank, by trying them from the largest down; None: not even 1.
+    `fits(batch_size)`: the trial (default: `micro_batch_fits`)."""
+    fits = fits or (lambda b: micro_batch_fits(cfg, env, b))
+    candidates = micro_batch_candidates(cfg, env.world_size, below)
+    if not env.device.startswith("cuda"):
+        candidates = [b for b in candidates if b <= CPU_AUTO_LIMIT] or candidates[-1:]
+    for batch_size in candidates:
+        # every rank must fit it: the smallest GPU decides
+        if not dist.any_rank(not fits(batch_size), env.device):
+            return batch_size
+    return None
+
+
+def fit_batch_size(cfg: TrainConfig, env: dist.DistEnv, echo=print) -> TrainConfig:
+    """`cfg` with batch_size "auto" replaced by the largest micro-batch that fits, said
+    on rank 0 with `echo`; a ValueError if not even one sequence does."""
+    if cfg.batch_size != "auto":
+        return cfg
+    found = largest_micro_batch(cfg, env)
+    where = device_name(env.device)
+    if found is None:
+        raise ValueError(
+            f"--batch-size auto: not even one sequence of {cfg.block_size} tokens "
+            f"fits a training step on {env.device} ({where}); use a smaller model or "
+            "--block-size, or a device with more memory"
+        )
+    accum = cfg.total_batch_size // (found * cfg.block_size * env.world_size)
+    if env.is_main:
+        how = (
+            "fits in memory"
+            if env.device.startswith("cuda")
+            else (f"divides the budget, at most {CPU_AUTO_LIMIT} off a CUDA GPU")
+        )
+        echo(
+            f"batch_size auto: {found}, the largest micro-batch that {how} on "
+            f"{where}; {accum} micro-step(s) of gradient accumulation keep "
+            f"total_batch_size {cfg.total_batch_size:,}"
+        )
+    return dataclasses.replace(cfg, batch_size=found)
 
 
 def train(
@@ -475,7 +596,11 @@ def train(
     env = env or dist.DistEnv(device=resolve_device(device))
     compile = gpu_defaults(env, compile)
     cfg.validate(env.world_size)  # every setting, before anything is read or built
+    precision = choose_precision(env.device, cfg.precision)  # what this device can
     check_memory(cfg, env.device)
+    cfg = fit_batch_size(cfg, env)  # "auto": the largest micro-batch that fits
+    if env.is_main:
+        print(f"precision: {describe_precision(env.device, precision)}", flush=True)
     # then the data, before anything is written
     loader, val_loader = make_loaders(cfg, env)
     hellaswag = load_hellaswag(cfg)
@@ -494,12 +619,12 @@ def train(
                 # nothing to resume from: starting here would erase an earlier run's log
                 run.refuse_earlier_run(
                     "it has no checkpoint to resume from; choose another --out (or "
-                    "delete "
-                    "those files to start over here)"
+                    "delete those files to start over here)"
                 )
 
         dist.on_main(claim)
         model, optimizer = build_model(cfg, env.device)
+        scaler = grad_scaler(env.device, precision)  # fp16's; a pass-through otherwise
         checkpointer = Checkpointer(
             run.path,
             cfg,
@@ -509,6 +634,7 @@ def train(
             loader,
             cfg.checkpoint_every,
             cfg.keep_checkpoints,
+            scaler=scaler,
         )
         start = checkpointer.restore() if resume else 0
         # finished: nothing to do, nothing to change
@@ -530,10 +656,13 @@ def train(
             start,
             stop_after,
             progress,
+            scaler,
         )
         final = {
             "steps": done,
             "finished": done >= cfg.max_steps and stopped_by is None,
+            "precision": precision,
+            "batch_size": cfg.batch_size,
         }
         if stopped_by is not None:
             final["signal"] = int(stopped_by)

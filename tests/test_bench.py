@@ -146,6 +146,7 @@ def test_ladder_on_cpu_has_every_rung(tokens):
     assert ran[-1]["recipe"] == {
         "tf32": False,
         "bf16": False,
+        "fp16": False,
         "compile": False,
         "attn_impl": "sdpa",
         "pad_vocab_to": 64,
@@ -246,9 +247,10 @@ def test_a_rung_that_changes_the_math_is_caught(bug, tokens, monkeypatch):
     ), verdicts
 
 
-def test_the_bf16_rung_on_a_cpu_stays_within_bf16s_tolerance(tokens):
-    """The bf16 path of the ladder (autocast in time_recipe) runs on a CPU too, against
-    fp32."""
+@pytest.mark.parametrize("autocast", ["bf16", "fp16"])
+def test_the_autocast_rung_on_a_cpu_stays_within_its_tolerance(tokens, autocast):
+    """The ladder's autocast rung (bf16, or fp16 with a gradient scaler on a GPU without
+    native bf16) runs on a CPU too, against fp32."""
     from gpt2lib.bench import REL_TOLERANCE, Recipe, check_math, time_recipe
 
     config, cpu = GPTConfig(n_layer=1, n_head=2, n_embd=32), torch.device("cpu")
@@ -258,15 +260,39 @@ def test_the_bf16_rung_on_a_cpu_stays_within_bf16s_tolerance(tokens):
             "recipe": dataclasses.asdict(recipe),
             **time_recipe(recipe, config, tokens, 2, 32, steps=3, warmup=1, device=cpu),
         }
-        for recipe in (Recipe(), Recipe(bf16=True))
+        for recipe in (Recipe(), Recipe(**{autocast: True}))
     ]
     check_math(rows)
     assert rows[1]["tolerance"] == pytest.approx(
-        REL_TOLERANCE["bf16"] * rows[0]["losses"][0]
+        REL_TOLERANCE[autocast] * rows[0]["losses"][0]
     )
-    assert (
-        rows[1]["same_math"] and rows[1]["loss_diff"] > 0
-    )  # it did run in bf16: not bit-equal to fp32
+    # it did run in 16 bits: not bit-equal to fp32
+    assert rows[1]["same_math"] and rows[1]["loss_diff"] > 0
+
+
+def test_the_rungs_follow_the_device(monkeypatch):
+    """The autocast rung is fp16 on a GPU without native bf16 (as gpt2lib.train runs
+    there); Apple's mps skips what it does not run, as a CPU skips CUDA's rungs."""
+    from gpt2lib.bench import autocast_rung, skip_reason
+
+    autocast = next(r for r in LADDER if r.change.get("bf16"))
+    cuda = torch.device("cuda")
+    for capability, name in [((7, 5), "+ fp16 autocast"), ((9, 0), "+ bf16 autocast")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability)
+        assert autocast_rung(autocast, cuda).name == name
+    assert autocast_rung(autocast, torch.device("cpu")) == autocast
+    mps = torch.device("mps")
+    reasons = {r.name: skip_reason(r, mps, True, 8) for r in LADDER}
+    assert reasons == {
+        "fp32": None,
+        "+ TF32 matmuls": "needs an NVIDIA GPU",
+        "+ bf16 autocast": "needs an NVIDIA GPU",
+        "+ torch.compile": "torch.compile is not used on Apple's mps",
+        "+ flash attention": None,
+        "+ vocab 50304": None,
+        "+ fused AdamW": "fused AdamW is not used on Apple's mps",
+        "+ larger micro-batch": None,
+    }
 
 
 def test_ladder_with_compile_and_larger_batch(tokens):

@@ -66,7 +66,9 @@ BAD = [
     ("keep_checkpoints", 0, "at least 1"),
     ("keep_checkpoints", -1, "at least 1"),
     ("seed", -1, "0 to 2**63"),
-    ("batch_size", "4", "of type int"),
+    ("batch_size", "four", "or auto"),
+    ("batch_size", 2.5, "of type int | str"),
+    ("precision", "fp8", "bf16, fp16 or fp32"),
     ("max_lr", "1e-3", "of type float"),
     ("n_layer", True, "of type int"),
 ]
@@ -90,6 +92,14 @@ def test_the_budget_is_checked_for_the_number_of_processes():
     SMOKE.validate(world_size=2)  # 256 = 4 x 32 x 2 x 1
     with pytest.raises(ValueError, match="4 × 32 × 3 = 384"):
         SMOKE.validate(world_size=3)
+
+
+def test_auto_batch_size_needs_a_budget_that_one_sequence_divides():
+    for precision in ("auto", "bf16", "fp16", "fp32"):
+        dataclasses.replace(SMOKE, batch_size="auto", precision=precision).validate()
+    # 256 tokens per step are not a whole number of sequences of 48 tokens
+    with pytest.raises(ValueError, match="1 × 48 × 1 = 48"):
+        dataclasses.replace(SMOKE, batch_size="auto", block_size=48).validate()
 
 
 def test_boundary_values_are_allowed():
@@ -117,6 +127,10 @@ def test_value_parser_reads_booleans_and_optionals_by_their_type():
     ]
     with pytest.raises(argparse.ArgumentTypeError):
         parse_bool("maybe")
+    parse_batch = value_parser(int | str)  # batch_size
+    assert parse_batch("auto") == "auto" and parse_batch("12") == 12
+    with pytest.raises(argparse.ArgumentTypeError, match="a whole number or auto"):
+        parse_batch("four")
     parse_opt = value_parser(int | None)
     assert parse_opt("none") is None and parse_opt("7") == 7
     assert value_parser(float)("1e-3") == 1e-3
@@ -133,3 +147,6 @@ def test_command_line_settings_replace_only_what_is_given():
     assert config_from_args(ap.parse_args([])) == SMOKE
     with pytest.raises(SystemExit):
         ap.parse_args(["--batch-size", "four"])
+    assert config_from_args(ap.parse_args(["--batch-size", "auto"])).batch_size == (
+        "auto"
+    )

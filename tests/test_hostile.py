@@ -319,7 +319,7 @@ CASES = {
         "train",
         ["--preset", "smoke", "--out", "OUT", "--batch-size", "four"],
         2,
-        ["--batch-size", "invalid int value"],
+        ["--batch-size", "expected a whole number or auto, got 'four'"],
     ),
     "stop after 0": (
         "train",
@@ -745,6 +745,18 @@ CASES = {
         ["'tpu' is not a device"],
     ),
 }
+CASES["train, a precision that does not exist"] = (
+    "train",
+    ["--preset", "smoke", "--out", "OUT", "--precision", "fp8"],
+    1,
+    ["precision = 'fp8' is not allowed", "bf16, fp16 or fp32"],
+)
+CASES["train, a batch size that is not a number or auto"] = (
+    "train",
+    ["--preset", "smoke", "--out", "OUT", "--batch-size", "many"],
+    2,
+    ["--batch-size", "'many'"],
+)
 if not torch.cuda.is_available():
     CASES["no GPU"] = (
         "train",
@@ -775,6 +787,49 @@ def test_bad_input_is_one_line_a_non_zero_exit_and_changes_nothing(case, world, 
     assert (
         snapshot(world["TMP"]) == before
     )  # nothing lost, nothing changed, nothing half-written
+
+
+def test_batch_size_auto_where_not_even_one_sequence_fits(world, capsys, monkeypatch):
+    def no_memory(*args, **kwargs):  # as if the device had no memory to spare
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module, "train_step", no_memory)
+    before = snapshot(world["TMP"])
+    status, message = run(
+        "train",
+        ["--preset", "smoke", "--out", world["OUT"], "--batch-size", "auto"]
+        + ["--device", "cpu", "--no-progress"],
+        capsys,
+    )
+    assert status == 1 and "\n" not in message
+    assert message.startswith(
+        "error: --batch-size auto: not even one sequence of 32 tokens fits"
+    )
+    assert snapshot(world["TMP"]) == before  # refused before anything was written
+
+
+def test_a_precision_the_device_cannot_run_is_refused_first(world, capsys, monkeypatch):
+    """fp16 or bf16 on Apple's mps (trained in fp32 there), refused before the data is
+    read: run on any machine by letting the command believe it has mps."""
+    from gpt2lib import dist
+
+    for module in (train_module, dist):
+        monkeypatch.setattr(module, "resolve_device", lambda name: name)
+    monkeypatch.setattr(train_module, "make_loaders", None)  # never reached
+    before = snapshot(world["TMP"])
+    for precision in ("fp16", "bf16"):
+        status, message = run(
+            "train",
+            ["--preset", "smoke", "--out", world["OUT"], "--device", "mps"]
+            + ["--precision", precision, "--no-progress"],
+            capsys,
+        )
+        assert (status, message) == (
+            1,
+            f"error: --precision {precision} on mps: gpt2lib trains in fp32 on "
+            "Apple's mps; use --precision fp32 (or auto)",
+        )
+    assert snapshot(world["TMP"]) == before
 
 
 def test_resuming_a_finished_run_does_nothing_and_changes_nothing(world, capsys):

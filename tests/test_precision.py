@@ -1,5 +1,6 @@
-"""The GPU's bf16 path, run on a CPU with CPU bf16 autocast against fp32: the training
-step and the loop (`precision="bf16"`), validation and HellaSwag scoring.
+"""The GPU's bf16 and fp16 paths, run on a CPU with CPU autocast against fp32: the
+training step and the loop (`precision="bf16"`, `"fp16"` with its gradient scaler),
+validation and HellaSwag scoring; and which precision "auto" chooses on which device.
 
 Tolerance: bf16 keeps an 8-bit significand, so every matrix multiply rounds its inputs
 to a relative error of at most 2^-8; the loss, a mean over many tokens of log-softmax
@@ -7,9 +8,17 @@ values computed in fp32, moves by a fraction of that. We allow 4 x 2^-8 (1.6 %) 
 loss, the same bound as the speed ladder's bf16 rung. A bug of the bf16 path that
 changes the math (logits left in bf16 for the softmax over 50,257 classes, the loss
 scaled, a skipped update) moves the losses by more than that within a few steps: see
-tests/test_bench.py."""
+tests/test_bench.py.
+
+fp16 keeps an 11-bit significand (10 stored bits), so each matrix multiply's inputs
+round to at most 2^-11 relative error: the same 4 x 2^-11 (0.2 %) bound as TF32's. A
+scaler that did not unscale the gradients before clipping and the update, or skipped
+updates it should not, moves the loss by far more within the 6 steps (the update would
+be scaled by 65,536, or missing)."""
 
 import dataclasses
+import json
+import math
 from importlib.resources import files
 
 import pytest
@@ -26,10 +35,11 @@ from gpt2lib.evaluate import (
 )
 from gpt2lib.model import GPT, GPTConfig
 from gpt2lib.rundir import read_log
-from gpt2lib.runtime import autocast_for
+from gpt2lib.runtime import autocast_for, choose_precision, describe_precision
 from gpt2lib.train import PRESETS, train
 
 BF16 = REL_TOLERANCE["bf16"]
+FP16 = REL_TOLERANCE["fp16"]
 SMOKE = PRESETS["smoke"]
 
 
@@ -42,9 +52,9 @@ def measured(out):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    "The smoke preset trained in fp32 and with bf16 autocast, on the CPU."
+    "The smoke preset trained in fp32, with bf16 autocast and fp16's, on the CPU."
     out = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "fp16"):
         out[precision] = tmp_path_factory.mktemp(precision)
         train(
             dataclasses.replace(SMOKE, precision=precision),
@@ -61,6 +71,39 @@ def test_training_with_bf16_autocast_follows_fp32(runs):
     assert fp32 != bf16  # it did run in bf16
     for (_, a), (_, b) in zip(fp32, bf16):
         assert abs(a - b) <= BF16 * abs(a), (a, b)
+
+
+def test_training_with_fp16_autocast_and_a_gradient_scaler_follows_fp32(runs):
+    fp32, fp16 = measured(runs["fp32"]), measured(runs["fp16"])
+    assert [s for s, _ in fp32] == [s for s, _ in fp16]
+    assert fp32 != fp16  # it did run in fp16
+    for (_, a), (_, b) in zip(fp32, fp16):
+        assert abs(a - b) <= FP16 * abs(a), (a, b)
+    steps = [e for e in read_log(runs["fp16"] / "log.jsonl") if "loss" in e]
+    # the scaler's scale is logged; 2**16 is GradScaler's start, and it only halves
+    # (an overflow) or doubles (after 2,000 steps)
+    assert all(math.log2(e["scale"]).is_integer() for e in steps)
+    summary = json.loads((runs["fp16"] / "summary.json").read_text())
+    assert summary["precision"] == "fp16" and summary["config"]["precision"] == "fp16"
+    fp32_summary = json.loads((runs["fp32"] / "summary.json").read_text())
+    assert fp32_summary["precision"] == "fp32"
+    assert "scale" not in read_log(runs["fp32"] / "log.jsonl")[0]
+
+
+def test_auto_chooses_bf16_only_where_the_gpu_has_it(monkeypatch):
+    assert [choose_precision(d) for d in ("cpu", "mps")] == ["fp32", "fp32"]
+    for capability, chosen in [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")]:
+        # a T4 is 7.5, an A100 8.0, an H100 9.0
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "a GPU")
+        assert choose_precision("cuda") == chosen
+        assert describe_precision("cuda", chosen).startswith(f"{chosen} autocast")
+        assert choose_precision("cuda", "fp16") == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (7, 5))
+    with pytest.raises(ValueError, match="7.5.* has no native bf16.*fp16"):
+        choose_precision("cuda", "bf16")
+    with pytest.raises(ValueError, match="on mps: .*fp32"):
+        choose_precision("mps", "fp16")
 
 
 def test_auto_precision_is_fp32_on_a_cpu(runs, tmp_path):

@@ -22,6 +22,7 @@ from gpt2lib.train import PRESETS, train
 SMOKE = PRESETS["smoke"]
 CHECKS = [
     "environment",
+    "precision",
     "data",
     "hellaswag",
     "step",
@@ -76,7 +77,8 @@ def test_data_beyond_one_epoch_is_a_warning(tmp_path):
         dataclasses.replace(SMOKE, max_steps=2000, warmup_steps=2), tmp_path / "run"
     )
     assert report["passed"] and statuses(report)["data"] == "warning"
-    assert "more than one pass over the data" in report["checks"][1]["detail"]
+    data = next(c for c in report["checks"] if c["name"] == "data")
+    assert "more than one pass over the data" in data["detail"]
 
 
 def shards(tmp_path, names_and_sizes) -> str:
@@ -216,5 +218,21 @@ def test_command_line_and_two_processes(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
-        "error: batch_size = 0 is not allowed: it must be at least 1 (--batch-size)"
+        "error: batch_size = 0 is not allowed: it must be at least 1, or auto (the "
+        "largest that fits in memory) (--batch-size)"
     ]
+
+
+def test_batch_size_auto_is_chosen_by_the_same_search_as_the_run(tmp_path, monkeypatch):
+    real_step = train_module.train_step
+
+    def small_memory(model, optimizer, batches, *args, **kwargs):
+        if batches[0][0].size(0) > 2:  # as if more than 2 sequences did not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real_step(model, optimizer, batches, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", small_memory)
+    report = quiet(dataclasses.replace(SMOKE, batch_size="auto"), tmp_path / "run")
+    check = next(c for c in report["checks"] if c["name"] == "precision")
+    assert check["detail"] == "fp32; micro-batch 2 (auto: the largest that fits)"
+    assert report["passed"] and report["config"]["batch_size"] == 2

@@ -182,3 +182,37 @@ def test_a_resumed_run_rewrites_its_log_up_to_the_checkpoint(tmp_path):
     assert [e["loss"] for e in read_log(run / "log.jsonl") if "loss" in e] == [
         e["loss"] for e in read_log(straight / "log.jsonl") if "loss" in e
     ]
+
+
+def test_an_fp16_run_resumes_bit_for_bit_with_its_gradient_scale(tmp_path, monkeypatch):
+    """fp16 autocast with its gradient scaler, on the CPU: the scale is part of the
+    state. A scaler that grows every step (GradScaler's default waits 2,000) makes the
+    scale of step 3 differ from a fresh scaler's, so a resume that forgot it would log
+    another scale (and, once a gradient overflows, skip other steps)."""
+    from gpt2lib import train as train_module
+
+    monkeypatch.setattr(
+        train_module,
+        "grad_scaler",
+        lambda device, chosen: torch.amp.GradScaler(
+            "cpu", enabled=chosen == "fp16", growth_interval=1
+        ),
+    )
+    fp16 = dataclasses.replace(SMOKE, precision="fp16")
+
+    def steps(run):
+        return [
+            (e["step"], e["loss"], e["norm"], e["scale"])
+            for e in read_log(run / "log.jsonl")
+            if "loss" in e
+        ]
+
+    train(fp16, tmp_path / "straight", device="cpu", progress=False)
+    run = tmp_path / "run"
+    train(fp16, run, device="cpu", stop_after=3, progress=False)
+    saved = checkpoint.read_checkpoint(list_checkpoints(run)[-1])
+    # the scale for step 3 (logged after step 2's update), grown from 2**16
+    assert saved["scaler"]["scale"] == steps(run)[-1][3] > 2.0**16
+    train(fp16, run, device="cpu", resume=True, progress=False)
+    assert steps(run) == steps(tmp_path / "straight")
+    assert len({scale for *_, scale in steps(run)}) > 1  # the scale did change

@@ -53,7 +53,12 @@ def test_log_has_the_promised_fields(straight):
 def test_stop_and_resume_give_identical_losses(straight, tmp_path):
     out, _ = straight
     first = train(SMOKE, tmp_path, device="cpu", stop_after=3, progress=False)
-    assert first == {"steps": 3, "finished": False}
+    assert first == {
+        "steps": 3,
+        "finished": False,
+        "precision": "fp32",  # what "auto" chose on the CPU
+        "batch_size": SMOKE.batch_size,
+    }
     train(SMOKE, tmp_path, device="cpu", resume=True, progress=False)
     assert losses(tmp_path) == losses(out)  # exactly equal, not approximately
 
@@ -330,3 +335,60 @@ def test_fineweb_preset_without_shards_says_what_to_run(tmp_path):
         result.returncode == 1
         and f"python -m gpt2lib.fineweb --out {tmp_path / 'fineweb'}" in result.stderr
     )
+
+
+def test_the_micro_batch_search_tries_the_divisors_of_the_budget_largest_first():
+    from gpt2lib.dist import DistEnv
+    from gpt2lib.train import (
+        CPU_AUTO_LIMIT,
+        largest_micro_batch,
+        micro_batch_candidates,
+    )
+
+    # 256 tokens of 32: 8 sequences per step, in micro-batches of 8, 4, 2 or 1
+    assert micro_batch_candidates(SMOKE, 1) == [8, 4, 2, 1]
+    assert micro_batch_candidates(SMOKE, 2) == [4, 2, 1]
+    assert micro_batch_candidates(SMOKE, 1, below=4) == [2, 1]
+    big = dataclasses.replace(SMOKE, total_batch_size=32 * 96)
+    assert micro_batch_candidates(big, 1)[:4] == [96, 48, 32, 24]
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= 5
+
+    assert largest_micro_batch(SMOKE, DistEnv(), fits=fits) == 4 and tried == [8, 4]
+    # off a GPU: none above the limit is tried
+    tried.clear()
+    assert largest_micro_batch(big, DistEnv(), fits=lambda b: tried.append(b) or 1)
+    assert max(tried) <= CPU_AUTO_LIMIT
+    assert largest_micro_batch(SMOKE, DistEnv(), fits=lambda b: False) is None
+
+
+def test_batch_size_auto_keeps_the_budget_by_accumulation(
+    straight, tmp_path, monkeypatch
+):
+    """On out of memory above 2 sequences, "auto" trains with micro-batches of 2 and 4
+    micro-steps: the same steps as the smoke preset's 4 × 2, up to fp32 rounding of
+    the other order of summation (bench's fp32 tolerance, 1e-5 of the loss)."""
+    from gpt2lib import train as train_module
+
+    real_step = train_module.train_step
+
+    def small_memory(model, optimizer, batches, *args, **kwargs):
+        if batches[0][0].size(0) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real_step(model, optimizer, batches, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", small_memory)
+    auto = dataclasses.replace(SMOKE, batch_size="auto")
+    summary = train(auto, tmp_path, device="cpu", progress=False)
+    assert summary["batch_size"] == 2
+    assert (
+        checkpoint.read_checkpoint(list_checkpoints(tmp_path)[-1])["config"][
+            "batch_size"
+        ]
+        == 2
+    )  # what ran, so that --resume compares like with like
+    for a, b in zip(losses(tmp_path)[0], losses(straight[0])[0]):
+        assert abs(a - b) <= 1e-5 * abs(b), (a, b)
