@@ -201,9 +201,9 @@ class DataLoader:
                     "the token array" if isinstance(source, np.ndarray) else str(source)
                 )
                 raise ValueError(
-                    f"{where}: token id {int(tokens.max())} does not fit the model's "
-                    f"vocab_size {self.vocab_size}; were these tokens made by another "
-                    "tokenizer?"
+                    f"{where}: token id {int(tokens.max())} does not fit the "
+                    f"model's vocab_size {self.vocab_size}; were these tokens made "
+                    "by another tokenizer?"
                 )
             self._tokens = tokens
         return self._tokens
@@ -246,10 +246,10 @@ class DataLoader:
     def load_state_dict(self, state: dict) -> None:
         if state["n_sources"] != len(self.sources):
             raise ValueError(
-                f"the saved data position is in {state['n_sources']} shards, but the "
-                f"data now has {len(self.sources)}: resume with the shards the run "
-                "started with (adding or removing shards changes what every position "
-                "means)"
+                f"the saved data position is in {state['n_sources']} shards, but "
+                f"the data now has {len(self.sources)}: resume with the shards the "
+                "run started with (adding or removing shards changes what every "
+                "position means)"
             )
         self.reset(state["epoch"])
         self.shard, self.pos = state["shard"], state["pos"]
