@@ -22,8 +22,7 @@ import torch
 from .tokenizer import get_encoding
 
 ASSETS = files("gpt2lib") / "assets"
-# Texts that ship with gpt2lib, by the name a training run's `data` setting uses for
-# them.
+# Texts that ship with gpt2lib, by the name a training run's `data` setting uses
 SHIPPED_TEXTS = {
     "shakespeare": "shakespeare.txt",
     "tinyshakespeare": "tinyshakespeare.txt",
@@ -155,14 +154,9 @@ class DataLoader:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.B, self.T, self.rank, self.world_size, self.seed = (
-            B,
-            T,
-            rank,
-            world_size,
-            seed,
-        )
-        self.vocab_size = vocab_size
+        self.B, self.T = B, T
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.vocab_size = seed, vocab_size
         self.span = B * T * world_size  # tokens consumed per step, all ranks together
         if isinstance(source, np.ndarray):
             self.sources, lengths = [source], [len(source)]
@@ -178,9 +172,8 @@ class DataLoader:
         if not self.usable:
             raise ValueError(
                 "the data is shorter than one batch: the longest shard has "
-                f"{max(lengths):,} tokens but one step "
-                f"needs B*T*world_size + 1 = {B}*{T}*{world_size} + 1 = "
-                f"{self.span + 1:,}"
+                f"{max(lengths):,} tokens but one step needs B*T*world_size + 1 = "
+                f"{B}*{T}*{world_size} + 1 = {self.span + 1:,}"
             )
         self.reset()
         if vocab_size is not None:
@@ -208,9 +201,9 @@ class DataLoader:
                     "the token array" if isinstance(source, np.ndarray) else str(source)
                 )
                 raise ValueError(
-                    f"{where}: token id {int(tokens.max())} does not fit the model's "
-                    "vocab_size "
-                    f"{self.vocab_size}; were these tokens made by another tokenizer?"
+                    f"{where}: token id {int(tokens.max())} does not fit the "
+                    f"model's vocab_size {self.vocab_size}; were these tokens made "
+                    "by another tokenizer?"
                 )
             self._tokens = tokens
         return self._tokens
@@ -253,16 +246,15 @@ class DataLoader:
     def load_state_dict(self, state: dict) -> None:
         if state["n_sources"] != len(self.sources):
             raise ValueError(
-                f"the saved data position is in {state['n_sources']} shards, but the "
-                "data now has "
-                f"{len(self.sources)}: resume with the shards the run started with "
-                "(adding or removing "
-                "shards changes what every position means)"
+                f"the saved data position is in {state['n_sources']} shards, but "
+                f"the data now has {len(self.sources)}: resume with the shards the "
+                "run started with (adding or removing shards changes what every "
+                "position means)"
             )
         self.reset(state["epoch"])
         self.shard, self.pos = state["shard"], state["pos"]
-        # saved under another world size, a step may be wider now than what is
-        # left of the shard
+        # saved under another world size, a step may be wider now than what is left of
+        # the shard
         if self.shard >= len(self.order):
             self.reset(self.epoch + 1)
         self._skip_short_rest()

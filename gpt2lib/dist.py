@@ -24,9 +24,8 @@ import torch.distributed as dist
 
 from .runtime import resolve_device
 
-DEFAULT_TIMEOUT = (
-    600.0  # seconds a collective may wait for the other ranks (NCCL's own default)
-)
+# seconds a collective may wait for the other ranks (NCCL's own default)
+DEFAULT_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
@@ -38,9 +37,8 @@ class DistEnv:
     local_rank: int = 0
     world_size: int = 1
     device: str = "cpu"
-    backend: str | None = (
-        None  # "nccl" or "gloo" when launched by torchrun; None for a plain process
-    )
+    # "nccl" or "gloo" when launched by torchrun; None for a plain process
+    backend: str | None = None
     timeout: float = DEFAULT_TIMEOUT
 
     @property
@@ -71,8 +69,8 @@ def world_size_from_env() -> int:
     world_size = _env_int("WORLD_SIZE") if launched_by_torchrun() else 1
     if world_size < 1:
         raise ValueError(
-            f"torchrun's environment says WORLD_SIZE={world_size}; it must be at least "
-            "1"
+            f"torchrun's environment says WORLD_SIZE={world_size}; "
+            "it must be at least 1"
         )
     return world_size
 
@@ -107,10 +105,9 @@ def setup(device: str | None = None, timeout: float | None = None) -> DistEnv:
         if local_rank >= n_gpus:
             raise RuntimeError(
                 f"rank {rank} (local rank {local_rank}) needs GPU cuda:{local_rank}, "
-                "but this machine "
-                f"has {n_gpus} GPU{'s' if n_gpus != 1 else ''}: launch at most "
-                f"{n_gpus} processes "
-                f"per machine (torchrun --nproc_per_node={n_gpus})"
+                f"but this machine has {n_gpus} GPU{'s' if n_gpus != 1 else ''}: "
+                f"launch at most {n_gpus} processes per machine "
+                f"(torchrun --nproc_per_node={n_gpus})"
             )
         device, backend = f"cuda:{local_rank}", "nccl"  # one GPU per rank
         torch.cuda.set_device(device)
@@ -176,9 +173,8 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-RANK_0_FIRST = (
-    5.0  # seconds another rank waits before it reports an error (see defer_to_rank_0)
-)
+# seconds another rank waits before it reports an error (see defer_to_rank_0)
+RANK_0_FIRST = 5.0
 
 
 def defer_to_rank_0(rank: int) -> None:
@@ -200,8 +196,7 @@ def on_main(fn):
     if dist.get_rank() == 0:
         try:
             result = fn()
-        # noqa: BLE001 (re-raised below, after the others are told)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 (re-raised below, once all know)
             error = err
     result, failed = broadcast_object((result, error is not None))
     if error is not None:
@@ -238,8 +233,7 @@ def describe_collective_failure(err: BaseException, env: DistEnv) -> str:
     )
     return (
         f"rank {env.rank} of {env.world_size} lost contact with the other ranks: "
-        "another rank has died, hangs "
-        "or cannot be reached (its own output says why); collective operations give "
-        "up after "
-        f"{env.timeout:g} s (--dist-timeout). Backend: {detail}"
+        "another rank has died, hangs or cannot be reached (its own output says why); "
+        f"collective operations give up after {env.timeout:g} s (--dist-timeout). "
+        f"Backend: {detail}"
     )

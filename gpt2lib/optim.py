@@ -66,10 +66,9 @@ def grad_accum_steps(total_batch_size: int, B: int, T: int, world_size: int = 1)
     per_micro_step = B * T * world_size
     if total_batch_size % per_micro_step:
         raise ValueError(
-            f"total_batch_size {total_batch_size:,} is not divisible by B*T*world_size "
-            "= "
-            f"{B}*{T}*{world_size} = {per_micro_step:,}; pick B, T or the budget so "
-            "that it is"
+            f"total_batch_size {total_batch_size:,} is not divisible by "
+            f"B*T*world_size = {B}*{T}*{world_size} = {per_micro_step:,}; "
+            "pick B, T or the budget so that it is"
         )
     return total_batch_size // per_micro_step
 
