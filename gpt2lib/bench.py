@@ -55,8 +55,8 @@ def flops_per_token(config: GPTConfig, T: int) -> int:
 
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's datasheets. The
-# first
-# name contained in torch.cuda.get_device_name() wins, so specific names come first.
+# first name contained in torch.cuda.get_device_name() wins, so specific names come
+# first.
 PEAK_BF16_TFLOPS = {
     "H100 PCIe": 756.5,
     "H100 NVL": 835.5,
@@ -306,9 +306,7 @@ def run_ladder(
                 rows.append({**row, "status": "ran", **result, "mfu": mfu})
             finally:
                 release_memory(device)
-    # also after an error: the flags as they were, and `rows` keeps what was
-    # measured
-    finally:
+    finally:  # also after an error: the flags as they were; `rows` keeps what ran
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (
             tf32_before
         )
@@ -317,8 +315,8 @@ def run_ladder(
 
 # %% ../nbs/04_speed.ipynb #c015b
 # How far the losses of two runs of the same steps may drift apart, relative to the
-# loss, by the
-# less precise of the two (see the text above for where the numbers come from).
+# loss, by the less precise of the two (see the text above for where the numbers come
+# from).
 # fp16 keeps TF32's 11-bit significand (its range, not its precision, needs the
 # gradient scaler)
 REL_TOLERANCE = {
@@ -381,11 +379,8 @@ def format_table(result: dict) -> str:
     ]
     for r in rows:
         if r["status"] != "ran":
-            lines.append(
-                f"| {r['rung']} | "
-                f"{r['status']}{': ' + r['reason'] if r.get('reason') else ''} | | | | "
-                "| | |"
-            )
+            why = f": {r['reason']}" if r.get("reason") else ""
+            lines.append(f"| {r['rung']} | {r['status']}{why} |" + " |" * 6)
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
@@ -523,9 +518,8 @@ def bench(args, progress: bool = True, result: dict | None = None) -> dict:
             "command": command_line(args),
         }
     )
-    result[
-        "rungs"
-    ] = []  # filled rung by rung: what was measured is kept if a rung fails
+    # filled rung by rung: what was measured is kept if a rung fails
+    result["rungs"] = []
     run_ladder(
         config,
         args.batch_size,
@@ -566,8 +560,7 @@ def main(argv=None) -> None:
     if changed:
         raise RuntimeError(
             f"{', '.join(changed)} changed the losses by more than rounding allows "
-            "(see the last "
-            "column): that rung does not compute the same training step"
+            "(see the last column): that rung does not compute the same training step"
         )
 
 

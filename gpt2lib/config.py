@@ -27,9 +27,8 @@ from .tokenizer import EOT_TOKEN, encode_prompt
 
 @dataclass
 class TrainConfig:
-    # data: a text shipped with gpt2lib ("shakespeare", "tinyshakespeare"), or a
-    # .npy token
-    # file or directory of shards (files with "val" in their name are the
+    # data: a text shipped with gpt2lib ("shakespeare", "tinyshakespeare"), or a .npy
+    # token file or directory of shards (files with "val" in their name are the
     # validation split)
     data: str = "shakespeare"
     val_fraction: float = 0.1  # held out from the end of a shipped text

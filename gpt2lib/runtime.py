@@ -362,6 +362,13 @@ def run_command(main):
             signal.signal(signal.SIGINT, signal.default_int_handler)
         except ValueError:  # not the main thread
             pass
+        # An error line leaves in one write, not the text and then its newline (as an
+        # unbuffered stderr does): ranks that fail at once under torchrun share a
+        # terminal, and two writes each can glue their lines together.
+        try:
+            sys.stderr.reconfigure(line_buffering=True, write_through=False)
+        except (AttributeError, ValueError):  # a notebook's stream, a closed one
+            pass
         try:
             status = main(argv)
         except KeyboardInterrupt:

@@ -681,8 +681,7 @@ def train(
 
 
 # The GPT-2 124M run on one node of 8 GPUs, as the README and this chapter give it (a
-# test checks
-# that the README says the same).
+# test checks that the README says the same).
 GPT2_124M_COMMANDS = [
     "gpt2-fineweb --out data/fineweb10B",
     "torchrun --standalone --nproc_per_node=8 -m gpt2lib.preflight --preset gpt2-124m "

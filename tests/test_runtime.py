@@ -3,6 +3,8 @@ docstrings, scripts."""
 
 import ast
 import errno
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -290,3 +292,29 @@ def test_a_file_system_without_locks_is_named_not_mistaken_for_another_run(
         with lock_directory(tmp_path):
             pass
     assert not isinstance(err.value, DirectoryLocked)
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace")
+def test_error_line_leaves_in_one_write(tmp_path):
+    "Unbuffered (PYTHONUNBUFFERED=1, as torchrun users often set): still one write."
+    script = (
+        "from gpt2lib.runtime import run_command\n"
+        "@run_command\n"
+        "def main(argv=None):\n"
+        "    raise ValueError('bad setting')\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        ["strace", "-e", "trace=write", "-o", str(tmp_path / "trace"), sys.executable]
+        + ["-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    if "ptrace" in done.stderr:  # a sandbox that forbids tracing
+        pytest.skip(done.stderr.splitlines()[0])
+    assert done.returncode == 1 and done.stderr == "error: bad setting\n"
+    writes = [
+        w for w in (tmp_path / "trace").read_text().splitlines() if "write(2" in w
+    ]
+    assert len(writes) == 1 and "error: bad setting\\n" in writes[0]
