@@ -1,0 +1,220 @@
+"""Muon (chapter 5): the Newton-Schulz orthogonalisation against the SVD, Muon against
+PyTorch's SGD and AdamW, and the groups `configure_muon` builds."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from gpt2lib.model import GPT, GPTConfig
+from gpt2lib.optim import (
+    NS_COEFFICIENTS,
+    Muon,
+    configure_muon,
+    newton_schulz5,
+    train_step,
+)
+
+
+def quintic_5(s):
+    "The scalar map that 5 Newton-Schulz steps apply to each singular value."
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(5):
+        s = a * s + b * s**3 + c * s**5
+    return s
+
+
+def gradient_like(rows, cols, seed=0, dtype=torch.float32):
+    "Noise in every direction plus three dominant ones, like a gradient."
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(rows, cols, generator=g, dtype=dtype)
+    low_rank = torch.randn(rows, 3, generator=g, dtype=dtype) @ torch.randn(
+        3, cols, generator=g, dtype=dtype
+    )
+    return G + 20 * low_rank / cols**0.5
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
+def test_newton_schulz_is_the_quintic_applied_to_the_singular_values(shape):
+    # Reference: the SVD. The iteration is a polynomial in G G^T times G, so it must equal
+    # U p(S / |G|_F) V^T. In float64 the only differences are rounding of O(1) entries over
+    # 5 steps of 3 matrix products (~1e-15 each); 1e-10 leaves room and a wrong coefficient
+    # or a missed transpose is off by O(0.01) or more.
+    G = gradient_like(*shape, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    expected = (
+        U @ torch.diag(quintic_5(S / (G.norm() + 1e-7))) @ Vh
+    )  # eps as in the code
+    got = newton_schulz5(G, dtype=torch.float64)
+    assert got.dtype == G.dtype and got.shape == G.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(128, 384), (384, 128), (512, 128), (256, 768)])
+def test_newton_schulz_in_bf16_puts_singular_values_in_the_promised_band(shape):
+    # The band: quintic_5 maps every normalised singular value in [0.01, 1] into
+    # [0.68, 1.21] (checked below). Rectangular gradient-like matrices have normalised
+    # singular values above 0.01 (asserted), so in exact arithmetic they land there. bf16
+    # (8 bits of mantissa, ~0.4 % per rounding) moves them by a few percent, measured
+    # 0.677 to 1.148; [0.5, 1.5] is the band modded-nanogpt states ("roughly U(0.5, 1.5)").
+    s = torch.linspace(0.01, 1, 100_001, dtype=torch.float64)
+    assert 0.68 < quintic_5(s).min() and quintic_5(s).max() < 1.21
+    G = gradient_like(*shape)
+    normalised = torch.linalg.svdvals(G) / G.norm()
+    assert normalised.min() > 0.01
+    after = torch.linalg.svdvals(newton_schulz5(G).float())
+    before = torch.linalg.svdvals(G)
+    assert (
+        before.max() / before.min() > 20
+    )  # the input was far from orthogonal (measured 28-43)
+    assert 0.5 < after.min() and after.max() < 1.5
+
+
+def test_muon_with_identity_orthogonalisation_is_sgd_with_nesterov_momentum():
+    # The same floating-point operations in the same order as torch.optim.SGD's
+    # single-tensor path: bitwise equal. A tall matrix steps with lr * sqrt(rows / cols).
+    torch.manual_seed(0)
+    weights = [torch.randn(8, 16), torch.randn(16, 16), torch.randn(32, 8)]
+    ours = [torch.nn.Parameter(w.clone()) for w in weights]
+    ref = [torch.nn.Parameter(w.clone()) for w in weights]
+    muon = Muon(
+        [dict(params=ours, muon=True)],
+        lr=0.1,
+        momentum=0.9,
+        orthogonalize=lambda g, steps: g,
+    )
+    sgd = torch.optim.SGD(
+        [dict(params=ref[:2]), dict(params=ref[2:], lr=0.1 * 2)],
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        foreach=False,
+    )
+    for _ in range(6):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        muon.step()
+        sgd.step()
+    for p, q, w in zip(ours, ref, weights):
+        assert not torch.equal(p, w)  # it moved
+        assert torch.equal(p, q)
+
+
+def test_muon_without_nesterov_steps_along_the_orthogonalised_momentum():
+    # Plain momentum: the first step is -lr * NS(g); the second -lr * NS(mu * g1 + g2).
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(16, 24))
+    start = w.detach().clone()
+    opt = Muon([dict(params=[w], muon=True)], lr=0.05, momentum=0.9, nesterov=False)
+    g1, g2 = torch.randn(16, 24), torch.randn(16, 24)
+    w.grad = g1.clone()
+    opt.step()
+    w.grad = g2.clone()
+    opt.step()
+    expected = start - 0.05 * newton_schulz5(g1) - 0.05 * newton_schulz5(0.9 * g1 + g2)
+    torch.testing.assert_close(
+        w.detach(), expected, rtol=0, atol=1e-6
+    )  # float32 sums of O(0.05)
+
+
+def test_muon_adamw_groups_step_like_torch_adamw():
+    # The AdamW groups repeat torch.optim.AdamW's single-tensor formulas in the same order:
+    # bitwise equal over 20 steps, with and without weight decay.
+    torch.manual_seed(2)
+    weights = [torch.randn(8, 16), torch.randn(16)]
+    ours = [torch.nn.Parameter(w.clone()) for w in weights]
+    ref = [torch.nn.Parameter(w.clone()) for w in weights]
+    muon = Muon(
+        [
+            dict(params=ours[:1], weight_decay=0.1),
+            dict(params=ours[1:], weight_decay=0.0),
+        ],
+        lr=1e-2,
+    )
+    adamw = torch.optim.AdamW(
+        [
+            dict(params=ref[:1], weight_decay=0.1),
+            dict(params=ref[1:], weight_decay=0.0),
+        ],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        foreach=False,
+    )
+    for _ in range(20):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        muon.step()
+        adamw.step()
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q)
+
+
+def test_muon_refuses_vectors_in_a_muon_group():
+    with pytest.raises(ValueError, match="matrices"):
+        Muon([dict(params=[torch.nn.Parameter(torch.zeros(4))], muon=True)])
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+
+
+def test_configure_muon_puts_block_matrices_on_muon_and_the_rest_on_adamw():
+    model = tiny_gpt()
+    opt = configure_muon(model, lr=3e-3, muon_lr=0.02, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon, decay, no_decay = (
+        [names[id(p)] for p in g["params"]] for g in opt.param_groups
+    )
+    assert sorted(muon) == sorted(
+        n
+        for n, p in model.named_parameters()
+        if n.startswith("transformer.h.") and p.dim() == 2
+    )
+    assert (
+        len(muon) == 2 * 4
+    )  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    assert sorted(decay) == [
+        "transformer.wpe.weight",
+        "transformer.wte.weight",
+    ]  # the head is tied to wte
+    assert all(model.get_parameter(n).dim() == 1 for n in no_decay)
+    assert len(muon) + len(decay) + len(no_decay) == len(list(model.parameters()))
+    assert opt.param_groups[0]["lr_scale"] == pytest.approx(0.02 / 3e-3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.1, 0.0]
+
+
+def test_train_step_scales_each_groups_lr_by_its_lr_scale():
+    model = tiny_gpt()
+    opt = configure_muon(model, lr=3e-3, muon_lr=0.03)
+    x = torch.randint(0, 64, (2, 16))
+    train_step(model, opt, [(x, x)], lr=1e-3, grad_clip=math.inf)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(
+        [1e-3 * 0.03 / 3e-3, 1e-3, 1e-3]
+    )
+
+
+def test_muon_state_dict_round_trips_and_continues_identically():
+    # Checkpoint/resume: a fresh optimizer loaded from the state dict takes the same next step.
+    torch.manual_seed(3)
+    x = torch.randint(0, 64, (2, 16))
+    a = tiny_gpt()
+    opt_a = configure_muon(a)
+    for _ in range(2):
+        train_step(a, opt_a, [(x, x)], lr=3e-3)
+    b = tiny_gpt()
+    b.load_state_dict(a.state_dict())
+    opt_b = configure_muon(b)
+    buffer = io.BytesIO()  # through a file's bytes, as a checkpoint does
+    torch.save(opt_a.state_dict(), buffer)
+    buffer.seek(0)
+    opt_b.load_state_dict(torch.load(buffer, weights_only=True))
+    la, _ = train_step(a, opt_a, [(x, x)], lr=3e-3)
+    lb, _ = train_step(b, opt_b, [(x, x)], lr=3e-3)
+    assert la.item() == lb.item()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
