@@ -13,6 +13,7 @@ module imports only from layers below its own; the chapter that owns it):
        dist       torchrun/DDP set-up, collectives  ch. 6
     2  hf         HF's GPT-2 format, both directions  ch. 2
        data       token files, shards, the DataLoader  ch. 3
+       modern     GPT-2 with the speedrun's changes, each behind a switch  ch. 11
     3  checkpoint checkpoint format, Checkpointer, load_model  ch. 9
        config     TrainConfig, presets, setting checks, CLI options  ch. 9
        rundir     a run's directory: lock, log writer and reader  ch. 9

@@ -168,6 +168,7 @@ LAYERS = {
     "dist": 1,
     "hf": 2,
     "data": 2,
+    "modern": 2,
     "checkpoint": 3,
     "config": 3,
     "rundir": 3,

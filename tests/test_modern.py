@@ -1,0 +1,185 @@
+"""The modern model (chapter 11): with every switch off it is chapter 2's GPT, bit for bit;
+each switch does what it says, checked against a reference computation."""
+
+import math
+
+import pytest
+import torch
+
+from gpt2lib.model import GPT, GPTConfig
+from gpt2lib.modern import SWITCHES, ModernConfig, ModernGPT, make_model, rotary
+
+SHAPE = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
+ON = dict(
+    rope=True,
+    qk_norm=True,
+    relu2=True,
+    untie_head=True,
+    zero_init_proj=True,
+    softcap=2.0,
+)
+
+
+def build(config, seed=0):
+    torch.manual_seed(seed)
+    return make_model(config)
+
+
+def tokens(seed=1, T=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 97, (3, T), generator=g)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(pad_vocab_to=64), dict(attn_impl="manual")])
+def test_with_every_switch_off_it_is_gpt2_bit_for_bit(extra):
+    # Same seed, same modules made in the same order: the same weights. The forward runs the
+    # same operations in the same order, so logits, loss and gradients are equal exactly.
+    gpt2, modern = (
+        build(GPTConfig(**SHAPE, **extra)),
+        build(ModernConfig(**SHAPE, **extra)),
+    )
+    assert type(modern) is ModernGPT and modern.config.changes() == []
+    a, b = gpt2.state_dict(), modern.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+    assert modern.lm_head.weight is modern.transformer.wte.weight  # tied, as GPT-2
+    x = tokens()
+    (la, loss_a), (lb, loss_b) = gpt2(x, x), modern(x, x)
+    assert torch.equal(la, lb) and torch.equal(loss_a, loss_b)
+    loss_a.backward()
+    loss_b.backward()
+    for (name, p), q in zip(gpt2.named_parameters(), modern.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    # and it is not a constant: another seed gives other logits
+    assert not torch.equal(build(ModernConfig(**SHAPE, **extra), seed=1)(x)[0], lb)
+
+
+def test_make_model_builds_gpt_for_a_gpt_config():
+    assert type(build(GPTConfig(**SHAPE))) is GPT
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_every_switch_changes_the_model(switch):
+    x = tokens()
+    base = build(ModernConfig(**SHAPE))(x)[0]
+    changed = build(ModernConfig(**SHAPE, **{switch: ON[switch]}))(x)[0]
+    assert (changed - base).abs().max() > 1e-3  # none of them is a silent no-op
+
+
+def complex_rotation_reference(x, base=10000.0):
+    "RoPE as the paper writes it: pairs as complex numbers, times exp(i t theta_j)."
+    T, d = x.shape[-2:]
+    theta = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    z = torch.complex(x[..., 0::2].double(), x[..., 1::2].double())
+    z = z * torch.polar(
+        torch.ones(T, d // 2, dtype=torch.float64),
+        torch.arange(T, dtype=torch.float64)[:, None] * theta,
+    )
+    return torch.stack([z.real, z.imag], dim=-1).flatten(-2)
+
+
+def test_rotary_is_the_complex_rotation_of_the_paper():
+    x = torch.randn(2, 3, 50, 16)
+    # float32 angles t * theta up to 49 rad: cos/sin of a float32 angle are off by about
+    # 49 * 2^-24 ~ 3e-6 relative to float64's; 1e-5 on O(1) entries covers it
+    torch.testing.assert_close(
+        rotary(x).double(), complex_rotation_reference(x), rtol=0, atol=1e-5
+    )
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    q, k = torch.randn(1, 16).expand(64, 16), torch.randn(1, 16).expand(64, 16)
+    scores = rotary(q) @ rotary(k).T
+    for d in range(64):
+        diag = scores.diagonal(-d)
+        assert (diag - diag[0]).abs().max() < 1e-4  # float32 angles, as above
+    assert (
+        scores.diagonal(0)[0] - scores.diagonal(-5)[0]
+    ).abs() > 1e-3  # but distance matters
+
+
+def test_rope_removes_the_position_table():
+    model = build(ModernConfig(**SHAPE, rope=True))
+    assert "transformer.wpe.weight" not in model.state_dict()
+    assert (
+        model.num_params()
+        == build(GPTConfig(**SHAPE)).num_params()
+        - SHAPE["block_size"] * SHAPE["n_embd"]
+    )
+    out = model.generate(
+        tokens(T=4)[:, :4], max_new_tokens=3, generator=torch.Generator().manual_seed(0)
+    )
+    assert out.shape == (3, 7)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    # With QK-norm, multiplying the q and k rows of c_attn by 10 changes nothing (up to the
+    # rms_norm epsilon and float32 rounding); without it the logits change.
+    x = tokens()
+    for qk_norm in (True, False):
+        model = build(ModernConfig(**SHAPE, qk_norm=qk_norm))
+        before = model(x)[0]
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_attn.weight[: 2 * SHAPE["n_embd"]] *= 10
+                block.attn.c_attn.bias[: 2 * SHAPE["n_embd"]] *= 10
+        difference = (model(x)[0] - before).abs().max()
+        if qk_norm:
+            assert difference < 1e-4  # float32 rounding through 2 blocks of O(1) values
+        else:
+            assert difference > 1e-2
+
+
+def test_relu2_mlp_is_relu_squared():
+    model = build(ModernConfig(**SHAPE, relu2=True))
+    mlp, h = model.transformer.h[0].mlp, torch.randn(5, SHAPE["n_embd"])
+    expected = mlp.c_proj(torch.relu(mlp.c_fc(h)) ** 2)
+    torch.testing.assert_close(mlp(h), expected, rtol=0, atol=0)
+
+
+def test_untied_head_has_its_own_matrix():
+    model = build(ModernConfig(**SHAPE, untie_head=True))
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert "lm_head.weight" in model.state_dict()
+    assert model.num_params() == build(GPTConfig(**SHAPE)).num_params() + 97 * 32
+    assert (
+        abs(model.lm_head.weight.std().item() - 0.02) < 0.002
+    )  # GPT-2's init, 3,104 draws
+
+
+def test_zero_init_projections_make_every_block_the_identity_at_init():
+    model = build(ModernConfig(**SHAPE, zero_init_proj=True))
+    x = tokens()
+    t = model.transformer
+    # blocks add 0 (c_proj weight 0, bias 0): logits are the head of ln_f of the embeddings
+    expected = model.lm_head(t.ln_f(t.wte(x) + t.wpe(torch.arange(32))))
+    torch.testing.assert_close(model(x)[0], expected, rtol=0, atol=0)
+
+
+def test_softcap_bounds_the_logits_and_is_tanh_of_the_uncapped_ones():
+    x = tokens()
+    capped = build(ModernConfig(**SHAPE, softcap=0.5))(x)[0]
+    plain = build(ModernConfig(**SHAPE))(x)[0]  # same seed: same weights
+    assert capped.abs().max() < 0.5
+    # tanh and a division in float32 (a few ulps of O(0.5) values)
+    torch.testing.assert_close(capped, 0.5 * torch.tanh(plain / 0.5), rtol=0, atol=1e-6)
+
+
+def test_softcap_with_a_padded_vocabulary_keeps_padding_out():
+    model = build(ModernConfig(**SHAPE, softcap=2.0, pad_vocab_to=64))
+    logits, loss = model(tokens(), tokens())
+    assert logits.shape[-1] == 97 and math.isfinite(loss.item())
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(softcap=-1.0), "softcap"),
+        (dict(softcap=math.inf), "softcap"),
+        (dict(rope=True, n_embd=30, n_head=2), "even"),
+        (dict(rope_base=1.0), "rope_base"),
+    ],
+)
+def test_bad_configs_are_refused_with_the_setting_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ModernConfig(**{**SHAPE, **bad})
