@@ -28,6 +28,7 @@ import torch
 from . import dist
 from .hf import load_pretrained
 from .model import GPT, GPTConfig
+from .modern import ModernConfig, make_model
 from .runtime import atomic_write
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{7})\.pt$")
@@ -262,6 +263,8 @@ class Checkpointer:
             return None
         state, path = found
         expected, saved = dataclasses.asdict(self.config), state.get("config") or {}
+        # a setting added to gpt2lib after this checkpoint was written had its default
+        saved = {**dataclasses.asdict(type(self.config)()), **saved}
         if saved != expected:
             changed = sorted(
                 k
@@ -326,13 +329,13 @@ def model_from_checkpoint(state: dict, where) -> GPT:
             f"{where} is not a gpt2lib training checkpoint (no 'model' and 'config' "
             "entries)"
         )
+    saved = state["config"]  # the run's settings: GPT-2 or chapter 11's modern model
+    config_class = ModernConfig if saved.get("arch", "gpt2") == "modern" else GPTConfig
     shape = {
-        key: state["config"][key]
-        for key in GPTConfig.__dataclass_fields__
-        if key in state["config"]
+        key: saved[key] for key in config_class.__dataclass_fields__ if key in saved
     }
     try:
-        model = GPT(GPTConfig(**shape))
+        model = make_model(config_class(**shape))
     except (
         TypeError,
         ValueError,

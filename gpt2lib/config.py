@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .data import SHIPPED_TEXTS
 from .model import GPTConfig
+from .modern import SWITCHES, ModernConfig
 from .runtime import PRECISIONS
 from .tokenizer import EOT_TOKEN, encode_prompt
 
@@ -41,6 +42,14 @@ class TrainConfig:
     pad_vocab_to: int = (
         1  # chapter 4: 64 stores 50,304 embedding rows (faster), same function
     )
+    # architecture: "gpt2" (chapter 2), or "modern" with any of chapter 11's switches
+    arch: str = "gpt2"
+    rope: bool = False  # rotary position embeddings instead of wpe
+    qk_norm: bool = False  # RMS-normalised queries and keys
+    relu2: bool = False  # ReLU² instead of GELU
+    untie_head: bool = False  # a head of its own, not wte's
+    zero_init_proj: bool = False  # c_proj weights start at zero
+    softcap: float = 0.0  # logits soft-capped at ±softcap; 0: off
     # batch: B sequences per micro-batch per process (rank), accumulated over all
     # ranks to total_batch_size tokens per step; "auto": the largest B that fits
     batch_size: int | str = dataclasses.field(
@@ -54,6 +63,11 @@ class TrainConfig:
     max_steps: int = 130
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # "adamw" (GPT-2's), or "muon": Muon at muon_lr for the blocks' matrices, AdamW at
+    # max_lr for the rest, both following the schedule (chapter 5)
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     # evaluation, samples, checkpoints (every N steps; 0 = never, except at the end)
     eval_every: int = 25
     eval_batches: int = (
@@ -75,7 +89,8 @@ class TrainConfig:
     precision: str = "auto"
 
     def model_config(self) -> GPTConfig:
-        return GPTConfig(
+        "GPT-2's `GPTConfig`, or chapter 11's `ModernConfig` for arch modern."
+        shape = dict(
             block_size=self.block_size,
             vocab_size=self.vocab_size,
             n_layer=self.n_layer,
@@ -83,6 +98,9 @@ class TrainConfig:
             n_embd=self.n_embd,
             pad_vocab_to=self.pad_vocab_to,
         )
+        if self.arch == "gpt2":
+            return GPTConfig(**shape)
+        return ModernConfig(**shape, **{name: getattr(self, name) for name in SWITCHES})
 
     def validate(self, world_size: int = 1) -> "TrainConfig":
         """This config, if every setting is in its range; otherwise a ValueError naming
@@ -132,6 +150,39 @@ PRESETS = {
         num_samples=4,
         sample_tokens=32,
         checkpoint_every=5000,
+    ),
+    # GPT-2 124M's shape with chapter 11's changes and Muon, aimed at the speedrun's
+    # target (validation loss 3.28). Untested settings, not a result: chapter 11 reports
+    # what has been measured of it; the log says at which step a run crosses 3.28.
+    "gpt2-124m-speedrun": TrainConfig(
+        data="data/fineweb10B",
+        n_layer=12,
+        n_head=12,
+        n_embd=768,
+        block_size=1024,
+        pad_vocab_to=64,
+        batch_size=64,
+        total_batch_size=524288,
+        arch="modern",
+        rope=True,
+        qk_norm=True,
+        relu2=True,
+        untie_head=True,
+        zero_init_proj=True,
+        softcap=15.0,
+        optimizer="muon",
+        muon_lr=0.05,
+        max_lr=6e-4,
+        warmup_steps=250,
+        max_steps=5000,
+        eval_every=125,
+        eval_batches=160,
+        hellaswag="download",
+        sample_every=1000,
+        sample_prompt="Hello, I'm a language model,",
+        num_samples=4,
+        sample_tokens=32,
+        checkpoint_every=1000,
     ),
 }
 
@@ -191,6 +242,25 @@ RULES = {  # field: (test, the allowed values in words)
         "auto (bf16 or fp16 on CUDA, as the GPU supports; fp32 elsewhere), bf16, fp16 "
         "or fp32",
     ),
+    "arch": (
+        lambda v: v in ("gpt2", "modern"),
+        "gpt2 or modern (chapter 11's switches)",
+    ),
+    **{
+        name: (lambda v: True, "true or false (with --arch modern)")
+        for name in ("rope", "qk_norm", "relu2", "untie_head", "zero_init_proj")
+    },
+    "softcap": (
+        lambda v: math.isfinite(v) and v >= 0,
+        "0 (off) or a finite cap above 0, e.g. 15 (with --arch modern)",
+    ),
+    "optimizer": (lambda v: v in ("adamw", "muon"), "adamw or muon"),
+    "muon_lr": (
+        lambda v: math.isfinite(v) and 0 < v <= 1,
+        "above 0 and at most 1 (Muon's steps are orthogonal matrices: 0.02 to 0.05 "
+        "is usual)",
+    ),
+    "muon_momentum": (lambda v: 0 <= v < 1, "at least 0 and below 1 (0.95 is usual)"),
 }
 
 
@@ -221,6 +291,19 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
             bad(field.name, allowed)
     if cfg.n_embd % cfg.n_head:
         bad("n_embd", f"divisible by n_head = {cfg.n_head}")
+    for name in SWITCHES:  # GPT-2 has none of chapter 11's changes
+        if cfg.arch == "gpt2" and getattr(cfg, name):
+            bad(
+                name,
+                "off (false, 0) with --arch gpt2, which is GPT-2 exactly; "
+                "add --arch modern",
+            )
+    if cfg.rope and (cfg.n_embd // cfg.n_head) % 2:
+        bad(
+            "rope",
+            f"false with an odd head size n_embd / n_head = {cfg.n_embd // cfg.n_head} "
+            "(rotary embeddings rotate pairs of coordinates)",
+        )
     # "auto" chooses a batch_size that divides the budget: 1 at least must
     batch_size = 1 if cfg.batch_size == "auto" else cfg.batch_size
     per_step = batch_size * cfg.block_size * world_size

@@ -5,7 +5,8 @@ as a Hugging Face GPT-2 directory that `transformers` loads with equal logits.""
 
 # %% auto #0
 __all__ = [
-    'EXPORT_FILES', 'check_out_dir', 'export_hf', 'parse_args', 'main'
+    'EXPORT_FILES', 'NOT_IN_GPT2_FORMAT', 'check_exportable', 'check_out_dir',
+    'export_hf', 'parse_args', 'main'
 ]
 
 # %% ../nbs/10_beyond.ipynb #c006
@@ -22,6 +23,27 @@ from .model import GPT
 from .runtime import command_name, run_command
 
 EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json")
+# chapter 11's switches that change the function computed: GPT-2's format has no place
+# for them (zero_init_proj changes only the initial weights, so a trained model exports)
+NOT_IN_GPT2_FORMAT = {
+    "rope": "rotary position embeddings",
+    "qk_norm": "QK-norm",
+    "relu2": "ReLU² in the MLP",
+    "untie_head": "an untied head",
+    "softcap": "logit soft-capping",
+}
+
+
+def check_exportable(model, what: str = "the model") -> None:
+    "A ValueError, in one line, if `model` computes what GPT-2's format cannot hold."
+    changes = model.config.changes() if hasattr(model.config, "changes") else []
+    words = [NOT_IN_GPT2_FORMAT[name] for name in changes if name in NOT_IN_GPT2_FORMAT]
+    if words:
+        raise ValueError(
+            f"{what} uses {', '.join(words)}, which GPT-2's format (transformers' "
+            "GPT2LMHeadModel) cannot represent; nothing was written. Sample or "
+            "evaluate it from the checkpoint instead (gpt2-sample, gpt2-evaluate)"
+        )
 
 # %% ../nbs/10_beyond.ipynb #c010
 def check_out_dir(out_dir, force: bool = False) -> Path:
@@ -52,6 +74,7 @@ def export_hf(model: GPT, out_dir, force: bool = False) -> Path:
 
     if not isinstance(model, GPT):
         raise TypeError(f"export_hf takes a gpt2lib GPT, not {type(model).__name__}")
+    check_exportable(model)
     out = check_out_dir(
         out_dir, force
     ).absolute()  # absolute: "." has a parent and a name too
@@ -108,6 +131,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     check_out_dir(args.out_dir, args.force)  # fail before the (possibly long) load
     model, what = load_model(args.model, "cpu")
+    check_exportable(model, what)
     out = export_hf(model, args.out_dir, force=args.force)
     print(f"exported {what} ({model.num_params():,} parameters) to {out}")
     print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})")

@@ -51,8 +51,14 @@ from gpt2lib.evaluate import (
     read_hellaswag,
     validation_loss,
 )
-from .model import GPT
-from .optim import configure_optimizer, grad_accum_steps, lr_at, train_step
+from .modern import make_model
+from gpt2lib.optim import (
+    configure_muon,
+    configure_optimizer,
+    grad_accum_steps,
+    lr_at,
+    train_step,
+)
 from .rundir import RunDir
 from gpt2lib.runtime import (
     USER_ERRORS,
@@ -436,7 +442,7 @@ def check_memory(cfg: TrainConfig, device: str) -> None:
     in fp32) alone exceed the device's memory: an out-of-memory error minutes in says
     less."""
     with torch.device("meta"):  # shapes only
-        n_params = GPT(cfg.model_config()).num_params()
+        n_params = make_model(cfg.model_config()).num_params()
     need = 16 * n_params
     if torch.device(device).type == "cuda":
         have, where = (
@@ -458,13 +464,19 @@ def check_memory(cfg: TrainConfig, device: str) -> None:
 
 
 def build_model(cfg: TrainConfig, device: str):
-    """The model, initialised from `cfg.seed` (the same weights on every rank), and its
-    AdamW (chapter 5)."""
+    """The model (GPT-2, or chapter 11's modern one), initialised from `cfg.seed` (the
+    same weights on every rank), and its optimizer: AdamW, or Muon with AdamW (chapter
+    5)."""
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model_config()).to(device)
-    optimizer = configure_optimizer(
-        model, cfg.max_lr, cfg.weight_decay, device_type=torch.device(device).type
-    )
+    model = make_model(cfg.model_config()).to(device)
+    if cfg.optimizer == "muon":
+        optimizer = configure_muon(
+            model, cfg.max_lr, cfg.muon_lr, cfg.weight_decay, momentum=cfg.muon_momentum
+        )
+    else:
+        optimizer = configure_optimizer(
+            model, cfg.max_lr, cfg.weight_decay, device_type=torch.device(device).type
+        )
     return model, optimizer
 
 
