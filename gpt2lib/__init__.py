@@ -24,6 +24,7 @@ module imports only from layers below its own; the chapter that owns it):
        export_hf  gpt2-export-hf: HF-format export  ch. 10
     5  train      gpt2-train: the coordinator of a run  ch. 9
     6  preflight  gpt2-preflight: every part of a run tried in minutes  ch. 9
+       ladder     python -m gpt2lib.ladder: the speedrun's changes, measured  ch. 11
 
 `GPT.from_pretrained` (layer 1) hands over to `gpt2lib.hf` inside the method: the one
 import that points up, so that the model class keeps HF's familiar entry point.

@@ -179,6 +179,7 @@ LAYERS = {
     "export_hf": 4,
     "train": 5,
     "preflight": 6,
+    "ladder": 6,
 }
 UPWARD_ALLOWED = {
     ("model", "hf")
