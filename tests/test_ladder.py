@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from gpt2lib.data import read_asset_text, tokenize
-from gpt2lib.ladder import RUNGS, SIZES, corpus_shards, mean_curve, rung_configs, summarise, tokens_to_reach
+from gpt2lib.ladder import (
+    RUNGS,
+    SIZES,
+    corpus_shards,
+    mean_curve,
+    rung_configs,
+    summarise,
+    tokens_to_reach,
+)
 from gpt2lib.modern import SWITCHES
 
 
@@ -22,26 +30,46 @@ def test_tokens_to_reach_interpolates_between_evaluations():
     assert tokens_to_reach(curve, 6.0) == 200  # reached exactly at an evaluation
     assert tokens_to_reach(curve, 10.0) == 0
     assert tokens_to_reach(curve, 4.9) is None  # never
-    assert tokens_to_reach([(0, 9.0), (10, 7.0), (20, 8.0), (30, 6.0)], 7.5) == 7.5  # the first crossing
+    assert (
+        tokens_to_reach([(0, 9.0), (10, 7.0), (20, 8.0), (30, 6.0)], 7.5) == 7.5
+    )  # the first crossing
 
 
 def fake_run(finals, scale=1.0):
-    return {"runs": [{"val": [[0, 10.0], [100, 10.0 - scale * (10.0 - f) / 2], [200, f]]} for f in finals]}
+    return {
+        "runs": [
+            {"val": [[0, 10.0], [100, 10.0 - scale * (10.0 - f) / 2], [200, f]]}
+            for f in finals
+        ]
+    }
 
 
 def test_summary_is_mean_std_and_range_over_seeds_against_the_baselines_final_mean():
-    result = {"rungs": [{"name": "gpt2", **fake_run([6.0, 6.2, 6.4])},
-                        {"name": "+x", **fake_run([5.0, 5.2, 5.3])},
-                        {"name": "+y", **fake_run([7.0, 7.1, 7.2])}]}
+    result = {
+        "rungs": [
+            {"name": "gpt2", **fake_run([6.0, 6.2, 6.4])},
+            {"name": "+x", **fake_run([5.0, 5.2, 5.3])},
+            {"name": "+y", **fake_run([7.0, 7.1, 7.2])},
+        ]
+    }
     base, better, worse = summarise(result)
-    assert base["target"] == pytest.approx(6.2) and base["val_loss"] == pytest.approx(6.2)
-    assert base["std"] == pytest.approx(0.2)  # sample standard deviation of 6.0, 6.2, 6.4
+    assert base["target"] == pytest.approx(6.2) and base["val_loss"] == pytest.approx(
+        6.2
+    )
+    assert base["std"] == pytest.approx(
+        0.2
+    )  # sample standard deviation of 6.0, 6.2, 6.4
     assert (better["min"], better["max"]) == (5.0, 5.3)
     # +x's mean curve: 10 -> 7.5833 (at 100) -> 5.1667 (at 200); it crosses 6.2 at
     # 100 + 100 * (7.5833 - 6.2) / (7.5833 - 5.1667)
-    assert better["tokens_to_target"] == pytest.approx(100 + 100 * (7.58333 - 6.2) / (7.58333 - 5.16667), rel=1e-4)
+    assert better["tokens_to_target"] == pytest.approx(
+        100 + 100 * (7.58333 - 6.2) / (7.58333 - 5.16667), rel=1e-4
+    )
     assert base["tokens_to_target"] == pytest.approx(200)
-    assert worse["tokens_to_target"] is None and worse["tokens_to_target_per_seed"] == [None] * 3
+    assert (
+        worse["tokens_to_target"] is None
+        and worse["tokens_to_target_per_seed"] == [None] * 3
+    )
     assert mean_curve(result["rungs"][0]["runs"])[-1] == [200, pytest.approx(6.2)]
 
 
@@ -49,11 +77,23 @@ def test_rungs_add_one_change_each_to_everything_before():
     configs = rung_configs(SIZES["tiny"])
     assert [name for name, _ in configs] == [name for name, _ in RUNGS]
     first, last = configs[0][1], configs[-1][1]
-    assert first == SIZES["tiny"] and first.arch == "gpt2" and first.optimizer == "adamw"
-    assert last.arch == "modern" and last.optimizer == "muon" and all(getattr(last, s) for s in SWITCHES)
+    assert (
+        first == SIZES["tiny"] and first.arch == "gpt2" and first.optimizer == "adamw"
+    )
+    assert (
+        last.arch == "modern"
+        and last.optimizer == "muon"
+        and all(getattr(last, s) for s in SWITCHES)
+    )
     for (_, before), (name, after) in zip(configs, configs[1:]):
-        changed = {f.name for f in dataclasses.fields(after) if getattr(after, f.name) != getattr(before, f.name)}
-        assert changed == set(dict(RUNGS)[name]) - {"arch"} or changed == set(dict(RUNGS)[name]), name
+        changed = {
+            f.name
+            for f in dataclasses.fields(after)
+            if getattr(after, f.name) != getattr(before, f.name)
+        }
+        assert changed == set(dict(RUNGS)[name]) - {"arch"} or changed == set(
+            dict(RUNGS)[name]
+        ), name
 
 
 def test_corpus_shards_renumber_the_same_tokens(tmp_path):
@@ -62,30 +102,59 @@ def test_corpus_shards_renumber_the_same_tokens(tmp_path):
     used = np.unique(original)
     train, val = np.load(tmp_path / "train_000.npy"), np.load(tmp_path / "val_000.npy")
     assert V == len(used) and max(train.max(), val.max()) == V - 1
-    assert np.array_equal(used[np.concatenate([train, val])], original)  # renumbering undone: the text
+    assert np.array_equal(
+        used[np.concatenate([train, val])], original
+    )  # renumbering undone: the text
     assert len(val) == int(len(original) * 0.1)
 
 
 def ladder(*args):
-    return subprocess.run([sys.executable, "-m", "gpt2lib.ladder", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "gpt2lib.ladder", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_the_command_writes_curves_and_provenance(tmp_path):
     out = tmp_path / "ladder.json"
-    result = ladder("--size", "tiny", "--seeds", "2", "--rungs", "3", "--max-steps", "4", "--threads", "1",
-                    "--json", out)
+    result = ladder(
+        "--size",
+        "tiny",
+        "--seeds",
+        "2",
+        "--rungs",
+        "3",
+        "--max-steps",
+        "4",
+        "--threads",
+        "1",
+        "--json",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert {"command", "device", "torch", "commit", "date", "threads"} <= data.keys()
-    assert data["command"].startswith("python -m gpt2lib.ladder --size tiny --seeds 2 --rungs 3")
+    assert data["command"].startswith(
+        "python -m gpt2lib.ladder --size tiny --seeds 2 --rungs 3"
+    )
     assert [r["name"] for r in data["rungs"]] == ["gpt2", "+rope", "+muon"]
-    assert data["rungs"][2]["changes"] == {"arch": "modern", "rope": True, "optimizer": "muon"}
+    assert data["rungs"][2]["changes"] == {
+        "arch": "modern",
+        "rope": True,
+        "optimizer": "muon",
+    }
     for rung in data["rungs"]:
         assert [run["seed"] for run in rung["runs"]] == [0, 1]
         for run in rung["runs"]:
-            assert [t for t, _ in run["val"]] == [0, 4 * 128]  # evaluations at step 0 and the end
-            assert len(run["train"]) == 4 and all(math.isfinite(loss) for _, loss in run["train"])
+            assert [t for t, _ in run["val"]] == [
+                0,
+                4 * 128,
+            ]  # evaluations at step 0 and the end
+            assert len(run["train"]) == 4 and all(
+                math.isfinite(loss) for _, loss in run["train"]
+            )
     seeds = data["rungs"][0]["runs"]
     assert seeds[0]["val"][-1] != seeds[1]["val"][-1]  # the seeds are different runs
     assert data["base"]["vocab_size"] < 50257  # the renumbered corpus
@@ -93,10 +162,16 @@ def test_the_command_writes_curves_and_provenance(tmp_path):
     assert "| gpt2 |" in result.stdout
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--seeds", "0"], "--seeds 0"), (["--rungs", "9"], "--rungs 9"), (["--threads", "0"], "--threads 0"),
-    (["--muon-lr", "5"], "muon_lr = 5.0 is not allowed"), (["--max-lr", "-1"], "max_lr = -1.0 is not allowed"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--seeds", "0"], "--seeds 0"),
+        (["--rungs", "9"], "--rungs 9"),
+        (["--threads", "0"], "--threads 0"),
+        (["--muon-lr", "5"], "muon_lr = 5.0 is not allowed"),
+        (["--max-lr", "-1"], "max_lr = -1.0 is not allowed"),
+    ],
+)
 def test_bad_input_is_one_line_before_any_run(tmp_path, args, fragment):
     result = ladder("--size", "tiny", "--json", tmp_path / "x.json", *args)
     assert result.returncode == 1 and "Traceback" not in result.stderr
