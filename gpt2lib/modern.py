@@ -25,6 +25,7 @@ from gpt2lib.model import (
     Block,
     CausalSelfAttention,
     GPTConfig,
+    causal_mask,
     manual_attention,
 )
 
@@ -62,14 +63,14 @@ class ModernConfig(GPTConfig):
         return [name for name in SWITCHES if getattr(self, name)]
 
 
-def rotary(x, base: float = 10000.0):
+def rotary(x, base: float = 10000.0, start: int = 0):
     """x (..., T, head_dim) with each pair (x[2i], x[2i+1]) at position t rotated by the
-    angle t * base^(-2i/head_dim), as chapter 10's `rope` does for one vector."""
+    angle t * base^(-2i/head_dim), as chapter 10's `rope` does for one vector; the T
+    positions are start, ..., start + T - 1 (after a KV cache's `start` positions)."""
     T, d = x.shape[-2:]
     freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angle = (
-        torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq
-    )  # (T, d/2)
+    pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32)
+    angle = pos[:, None] * freq  # (T, d/2)
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
@@ -86,7 +87,7 @@ class ModernAttention(CausalSelfAttention):
             config.qk_norm,
         )
 
-    def forward(self, x):
+    def forward(self, x, kv_cache=None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (
@@ -95,12 +96,18 @@ class ModernAttention(CausalSelfAttention):
         )
         if self.qk_norm:  # no learned gain: the speedrun's parameter-free RMSNorm
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
-        if self.rope:  # after the norm: a rotation keeps the norm anyway
-            q, k = rotary(q, self.rope_base), rotary(k, self.rope_base)
-        if self.attn_impl == "sdpa":
+        if self.rope:  # after the norm (a rotation keeps it); at the absolute positions
+            start = 0 if kv_cache is None else kv_cache.length
+            q, k = rotary(q, self.rope_base, start), rotary(k, self.rope_base, start)
+        if kv_cache is not None:  # the cache keeps the rotated keys
+            k, v = kv_cache.append(layer, k, v)
+        if self.attn_impl == "manual":
+            y, _ = manual_attention(q, k, v)
+        elif k.size(2) == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y, _ = manual_attention(q, k, v)
+            keep = ~causal_mask(T, k.size(2), x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 

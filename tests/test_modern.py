@@ -183,3 +183,24 @@ def test_softcap_with_a_padded_vocabulary_keeps_padding_out():
 def test_bad_configs_are_refused_with_the_setting_named(bad, message):
     with pytest.raises(ValueError, match=message):
         ModernConfig(**{**SHAPE, **bad})
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+def test_generation_with_the_kv_cache_equals_recomputing_the_context(attn_impl):
+    # Rotary embeddings must rotate a cached step's query and key at its absolute
+    # position: greedy tokens with the cache equal those of recomputing the whole context
+    # every step, past block_size too (where the window slides and the cache is rebuilt).
+    torch.manual_seed(0)
+    model = ModernGPT(
+        ModernConfig(**{**SHAPE, "block_size": 8}, **ON, attn_impl=attn_impl)
+    ).eval()
+    with torch.no_grad():
+        for (
+            p
+        ) in model.parameters():  # away from GPT-2's near-uniform init: no near-ties
+            p.add_(0.2 * torch.randn_like(p))
+    prompt = tokens(T=3)[:, :3]
+    cached = model.generate(prompt, 12, top_k=1, use_cache=True)
+    recomputed = model.generate(prompt, 12, top_k=1, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    assert len(set(cached[0].tolist())) > 2  # not one token repeated
