@@ -39,7 +39,6 @@ from gpt2lib.runtime import (
     provenance,
     resolve_device,
     run_command,
-    scaled_train_step,
     set_tf32,
 )
 
@@ -169,7 +168,7 @@ def time_recipe(
     step_fn = train_step
     if recipe.fp16:
         autocast = autocast_for(device, "fp16")
-        step_fn = partial(scaled_train_step, scaler=grad_scaler(device, "fp16"))
+        step_fn = partial(train_step, scaler=grad_scaler(device, "fp16"))
     loader = DataLoader(tokens, B, T)
 
     def step():

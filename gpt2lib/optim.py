@@ -84,10 +84,11 @@ def train_step(
     grad_clip: float = 1.0,
     autocast=nullcontext,
     no_sync=nullcontext,
+    scaler=None,
 ):
     """One optimizer step over `micro_batches` (a list of (x, y)), accumulating
     gradients. Returns (mean loss over the micro-batches, as a tensor; gradient norm
-    before clipping)."""
+    before clipping). `scaler`: fp16's `GradScaler` (the appendix), None otherwise."""
     optimizer.zero_grad(set_to_none=True)
     k = len(micro_batches)
     losses = []
@@ -98,12 +99,19 @@ def train_step(
             with autocast():
                 _, loss = model(x, y)
             loss = loss / k  # the mean over all k micro-batches, not their sum
-            loss.backward()
+            # fp16: the gradients times the scale, so that small ones do not flush to 0
+            (loss if scaler is None else scaler.scale(loss)).backward()
         losses.append(loss.detach())
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the true gradients (and a note of any inf or nan)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     for group in optimizer.param_groups:  # lr_scale: relative to the schedule's lr
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # no update if a gradient overflowed
+        scaler.update()  # the next scale: halved after an overflow, doubled later
     return torch.stack(losses).sum(), norm
 
 # %% ../nbs/05_optimization.ipynb #c025

@@ -8,9 +8,9 @@ result, and one-line errors for the commands."""
 __all__ = [
     'PRECISIONS', 'AUTOCAST_DTYPES', 'LOCK_NAME', 'USER_ERRORS', 'EXIT_INTERRUPTED',
     'default_device', 'resolve_device', 'bf16_native', 'choose_precision',
-    'describe_precision', 'autocast_for', 'grad_scaler', 'scaled_train_step',
-    'set_tf32', 'atomic_write', 'DirectoryLocked', 'lock_directory', 'device_name',
-    'git_state', 'provenance', 'one_line', 'command_name', 'run_command'
+    'describe_precision', 'autocast_for', 'grad_scaler', 'set_tf32', 'atomic_write',
+    'DirectoryLocked', 'lock_directory', 'device_name', 'git_state', 'provenance',
+    'one_line', 'command_name', 'run_command'
 ]
 
 # %% ../nbs/00_runtime.ipynb #c003
@@ -154,41 +154,6 @@ def grad_scaler(device, chosen: str) -> torch.amp.GradScaler:
     """The gradient scaler of a run in `chosen` precision: active for fp16, a
     pass-through otherwise (its `state_dict()` is then empty)."""
     return torch.amp.GradScaler(torch.device(device).type, enabled=chosen == "fp16")
-
-
-def scaled_train_step(
-    model,
-    optimizer,
-    micro_batches,
-    lr: float,
-    grad_clip: float = 1.0,
-    autocast=nullcontext,
-    no_sync=nullcontext,
-    scaler: torch.amp.GradScaler | None = None,
-):
-    """Chapter 5's `train_step` for fp16: each micro-batch's loss scaled by `scaler`
-    before its backward pass, the gradients unscaled before clipping, the update skipped
-    (and the scale halved) when a gradient overflowed. Returns (mean loss over the
-    micro-batches, as a tensor; gradient norm before clipping, inf for a skipped step).
-    """
-    optimizer.zero_grad(set_to_none=True)
-    k = len(micro_batches)
-    losses = []
-    for i, (x, y) in enumerate(micro_batches):
-        # with DDP, average gradients across ranks on the last micro-step only
-        with nullcontext() if i == k - 1 else no_sync():
-            with autocast():
-                _, loss = model(x, y)
-            loss = loss / k  # the mean over all k micro-batches, not their sum
-            scaler.scale(loss).backward()  # the gradients, times the scale
-        losses.append(loss.detach())
-    scaler.unscale_(optimizer)  # the true gradients (and a note of any inf or nan)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    scaler.step(optimizer)  # no update if a gradient overflowed
-    scaler.update()  # the next scale: halved after an overflow, doubled after a while
-    return torch.stack(losses).sum(), norm
 
 
 def set_tf32(on: bool) -> None:

@@ -71,7 +71,6 @@ from gpt2lib.runtime import (
     one_line,
     resolve_device,
     run_command,
-    scaled_train_step,
     set_tf32,
 )
 from .sample import complete
@@ -284,7 +283,7 @@ def take_step(
 ):
     """Optimizer step `step` of the run: its micro-batches (gradient accumulation), its
     learning rate and chapter 5's `train_step` (with an active gradient `scaler`, for
-    fp16: the appendix's `scaled_train_step`). Returns (the loss averaged over the
+    fp16: with the appendix's gradient scaler). Returns (the loss averaged over the
     ranks, the gradient norm, lr)."""
     accum = grad_accum_steps(
         cfg.total_batch_size, cfg.batch_size, cfg.block_size, env.world_size
@@ -296,7 +295,7 @@ def take_step(
     lr = lr_at(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     no_sync = step_model.no_sync if env.distributed else nullcontext
     scaled = scaler is not None and scaler.is_enabled()
-    step_fn = partial(scaled_train_step, scaler=scaler) if scaled else train_step
+    step_fn = partial(train_step, scaler=scaler) if scaled else train_step
     loss, norm = step_fn(
         step_model,
         optimizer,
@@ -528,7 +527,7 @@ def micro_batch_fits(cfg: TrainConfig, env: dist.DistEnv, batch_size: int) -> bo
         autocast, scaler = autocast_for(env.device, precision), None
         if precision == "fp16":
             scaler = grad_scaler(env.device, precision)
-        step_fn = partial(scaled_train_step, scaler=scaler) if scaler else train_step
+        step_fn = partial(train_step, scaler=scaler) if scaler else train_step
         if env.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(env.device)
         step_fn(model, optimizer, [(x, y)], cfg.max_lr, autocast=autocast)
