@@ -90,6 +90,8 @@ class CausalSelfAttention(nn.Module):
             t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
             for t in (q, k, v)
         )
+        start = 0 if kv_cache is None else kv_cache.length  # the first position of x
+        q, k = self.transform_qk(q, k, start)
         if kv_cache is not None:  # generation: the earlier positions' keys and values
             k, v = kv_cache.append(layer, k, v)
         if self.attn_impl == "manual":
@@ -101,6 +103,11 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.c_proj(y)
+
+    def transform_qk(self, q, k, start: int):
+        """Queries and keys as the scores use them: GPT-2 uses them as they are. (The
+        one place chapter 11's attention differs: it normalises and rotates them.)"""
+        return q, k
 
 # %% ../nbs/02_model.ipynb #c014
 class MLP(nn.Module):

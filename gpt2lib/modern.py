@@ -25,8 +25,6 @@ from gpt2lib.model import (
     Block,
     CausalSelfAttention,
     GPTConfig,
-    causal_mask,
-    manual_attention,
 )
 
 SWITCHES = ("rope", "qk_norm", "relu2", "untie_head", "zero_init_proj", "softcap")
@@ -87,29 +85,15 @@ class ModernAttention(CausalSelfAttention):
             config.qk_norm,
         )
 
-    def forward(self, x, kv_cache=None, layer: int = 0):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (
-            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-            for t in (q, k, v)
-        )
+    def transform_qk(self, q, k, start: int):
+        "QK-norm, then rotary embeddings at the absolute positions start, start + 1..."
         if self.qk_norm:  # no learned gain: the speedrun's parameter-free RMSNorm
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
-        if self.rope:  # after the norm (a rotation keeps it); at the absolute positions
-            start = 0 if kv_cache is None else kv_cache.length
+        if (
+            self.rope
+        ):  # after the norm (a rotation keeps it); the cache keeps rotated keys
             q, k = rotary(q, self.rope_base, start), rotary(k, self.rope_base, start)
-        if kv_cache is not None:  # the cache keeps the rotated keys
-            k, v = kv_cache.append(layer, k, v)
-        if self.attn_impl == "manual":
-            y, _ = manual_attention(q, k, v)
-        elif k.size(2) == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            keep = ~causal_mask(T, k.size(2), x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
+        return q, k
 
 
 class ModernMLP(MLP):
