@@ -39,9 +39,8 @@ class TrainConfig:
     n_embd: int = 128
     block_size: int = 128  # T: tokens per sequence
     vocab_size: int = 50257
-    pad_vocab_to: int = (
-        1  # chapter 4: 64 stores 50,304 embedding rows (faster), same function
-    )
+    # chapter 4: 64 stores 50,304 embedding rows (faster), same function
+    pad_vocab_to: int = 1
     # architecture: "gpt2" (chapter 2), or "modern" with any of chapter 11's switches
     arch: str = "gpt2"
     rope: bool = False  # rotary position embeddings instead of wpe
@@ -70,9 +69,8 @@ class TrainConfig:
     muon_momentum: float = 0.95
     # evaluation, samples, checkpoints (every N steps; 0 = never, except at the end)
     eval_every: int = 25
-    eval_batches: int = (
-        8  # validation batches of B sequences, shared out between the ranks
-    )
+    # validation batches of B sequences, shared out between the ranks
+    eval_batches: int = 8
     # "" = off; "download" = HellaSwag's validation set (chapter 8); or a .jsonl path
     hellaswag: str = ""
     hellaswag_limit: int = 0  # score only the first N examples; 0 = all

@@ -173,9 +173,8 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["muon"] and any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon's groups take matrices (2-D parameters) only")
-        self.orthogonalize = (
-            orthogonalize  # not a default: a function is not saved state
-        )
+        # not a default: a function is not saved state
+        self.orthogonalize = orthogonalize
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -297,9 +297,8 @@ USER_ERRORS = (
     OSError,
     RuntimeError,
 )
-EXIT_INTERRUPTED = (
-    130  # 128 + SIGINT: what shells report for a program stopped by Ctrl-C
-)
+# 128 + SIGINT: what shells report for a program stopped by Ctrl-C
+EXIT_INTERRUPTED = 130
 
 
 def one_line(err: BaseException) -> str:
