@@ -24,12 +24,12 @@ from .runtime import command_name, run_command
 
 EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json")
 # chapter 11's switches that change the function computed: GPT-2's format has no place
-# for them (zero_init_proj changes only the initial weights, so a trained model exports)
+# for them (zero_init_proj changes only the initial weights, so a trained model exports;
+# an untied head is GPT2LMHeadModel with tie_word_embeddings false)
 NOT_IN_GPT2_FORMAT = {
     "rope": "rotary position embeddings",
     "qk_norm": "QK-norm",
     "relu2": "ReLU² in the MLP",
-    "untie_head": "an untied head",
     "softcap": "logit soft-capping",
 }
 
@@ -85,7 +85,8 @@ def export_hf(model: GPT, out_dir, force: bool = False) -> Path:
         hf_sd = to_hf_state_dict(model)
         # transformers checks "format"
         save_file(hf_sd, tmp / "model.safetensors", metadata={"format": "pt"})
-        config = hf_config(model.config, hf_sd["transformer.wte.weight"].dtype)
+        tied = "lm_head.weight" not in hf_sd  # chapter 11's untied head has its own
+        config = hf_config(model.config, hf_sd["transformer.wte.weight"].dtype, tied)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {
             "bos_token_id": config["bos_token_id"],

@@ -218,10 +218,12 @@ def load_pretrained(name_or_dir, model_class=None):
 
 # %% ../nbs/02_model.ipynb #c026b
 def hf_config(
-    config: gpt2lib.model.GPTConfig, dtype: torch.dtype = torch.float32
+    config: gpt2lib.model.GPTConfig,
+    dtype: torch.dtype = torch.float32,
+    tied: bool = True,
 ) -> dict:
     """The `config.json` of a transformers GPT2LMHeadModel that computes what a GPT of
-    shape `config` does."""
+    shape `config` does (`tied`: its lm_head is wte, as GPT-2's is)."""
     # a toy vocabulary has no <|endoftext|>
     eot = EOT_TOKEN if config.vocab_size > EOT_TOKEN else None
     return {
@@ -238,7 +240,7 @@ def hf_config(
         # HF's name for GELU with the tanh approximation
         "activation_function": "gelu_new",
         "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which our GPT uses
-        "tie_word_embeddings": True,  # lm_head.weight is wte.weight
+        "tie_word_embeddings": tied,  # lm_head.weight is wte.weight
         "bos_token_id": eot,
         "eos_token_id": eot,
         # our GPT has no dropout; HF's GPT-2 default is 0.1, which would
@@ -258,16 +260,12 @@ def hf_config(
 def to_hf_state_dict(model) -> dict:
     """Our weights under transformers' GPT-2 names and layouts: the inverse of
     `convert_hf_state_dict`."""
-    if model.lm_head.weight is not model.transformer.wte.weight:
-        raise ValueError(
-            "lm_head.weight is not tied to transformer.wte.weight; GPT-2's format "
-            "ties them"
-        )
+    tied = model.lm_head.weight is model.transformer.wte.weight
     hf_sd = {}
     for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight":
+        if key == "lm_head.weight" and tied:
             continue  # the same tensor as wte: GPT2LMHeadModel re-ties it when it loads
-        if key == "transformer.wte.weight":
+        if key in ("transformer.wte.weight", "lm_head.weight"):
             # drop the padding rows (chapter 4)
             tensor = tensor[: model.config.vocab_size]
         if key.endswith(CONV1D_WEIGHTS):

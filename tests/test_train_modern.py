@@ -204,6 +204,31 @@ def test_export_hf_takes_a_modern_run_whose_switches_only_change_the_init(tmp_pa
     assert (tmp_path / "hf" / "model.safetensors").exists()
 
 
+def test_export_hf_writes_an_untied_head_that_transformers_computes_equally(tmp_path):
+    "An untied head is GPT2LMHeadModel with tie_word_embeddings false: same logits."
+    from transformers import GPT2LMHeadModel
+
+    cfg = dataclasses.replace(
+        PRESETS["smoke"], arch="modern", untie_head=True, pad_vocab_to=64, max_steps=2
+    )
+    train(cfg, tmp_path / "run", device="cpu", progress=False)
+    result = cli("export_hf", tmp_path / "run", tmp_path / "hf")
+    assert result.returncode == 0, result.stderr
+    ours, _ = load_model(str(tmp_path / "run"), device="cpu")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert not hf.config.tie_word_embeddings
+    assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
+    idx = torch.randint(
+        0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        expected = ours(idx)[0][..., : cfg.vocab_size]
+        got = hf(idx).logits
+    # the same fp32 operations in another order (HF's Conv1D is addmm): rounding of
+    # about 1e-7 relative, far below 1e-5 for logits of magnitude ~1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def train_cli(*args):
     return cli("train", "--no-progress", "--device", "cpu", "--preset", "smoke", *args)
 
