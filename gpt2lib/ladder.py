@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config import PRESETS, TrainConfig
 from .data import SHIPPED_TEXTS, read_asset_text, tokenize
 from .rundir import read_log
 from gpt2lib.runtime import (
@@ -60,20 +60,14 @@ _QUIET = dict(
     keep_checkpoints=1,
 )
 SIZES = {  # the shakespeare preset's model and AdamW lr, on Tiny Shakespeare
-    "cpu": TrainConfig(
+    "cpu": dataclasses.replace(
+        PRESETS["shakespeare"],
         **_QUIET,
-        n_layer=4,
-        n_head=4,
-        n_embd=128,
-        block_size=128,
         batch_size=4,
         total_batch_size=512,
-        max_lr=3e-3,
         warmup_steps=10,
         max_steps=120,
         eval_every=15,
-        eval_batches=8,
-        muon_lr=0.02,
     ),
     "tiny": TrainConfig(
         **_QUIET,
