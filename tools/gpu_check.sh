@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU results under book/results/, measured in one go on one GPU machine: chapter 4's
+# speed ladder and the preflight of the two 124M presets (chapters 9 and 11). Each stage
+# has its own time limit and is stopped with Ctrl-C's signal, so a slow or failing stage
+# still leaves what it measured and the later stages their time.
+#
+#   bash tools/gpu_check.sh OUT_DIR NAME     NAME names the GPU in the files, e.g. h200
+#
+# No network is assumed. The preflights read stand-in data made here: Tiny Shakespeare's
+# tokens repeated to the size of FineWeb's validation shard (160 batches of 64 x 1,024),
+# and chapter 8's 8 handmade HellaSwag examples repeated to the 10,042 of the real
+# validation set. Time per step and per example does not depend on the tokens; the losses
+# in these reports are those of the stand-in, not of FineWeb. Set GPU_CHECK_SMALL=1 to
+# try the script on a CPU in a minute (tiny model, no compile).
+set -uo pipefail
+out=${1:?usage: bash tools/gpu_check.sh OUT_DIR NAME}
+name=${2:?usage: bash tools/gpu_check.sh OUT_DIR NAME}
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
+  device=(--device cpu --no-compile)
+  shrink=(--n-layer 2 --n-head 2 --n-embd 64 --block-size 64 --batch-size 4
+          --total-batch-size 512 --eval-batches 2 --steps 2 --hellaswag-examples 2)
+  bench=(--model tiny --device cpu --no-compile --steps 2 --warmup 1)
+  limits=(60 120)  # seconds: each preflight, the ladder
+else
+  device=(--device cuda)
+  shrink=()
+  bench=(--max-batch-size 64)
+  limits=(145 230)  # seconds: each preflight, the ladder
+fi
+
+stage() {  # stage NAME SECONDS COMMAND...: run it, report how it ended and how long
+  local what=$1 limit=$2 start=$SECONDS
+  shift 2
+  echo "== $what (at most $limit s)"
+  timeout -s INT -k 20 "$limit" "$@"
+  echo "== $what: exit $? after $((SECONDS - start)) s"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0],
+'| torch', torch.__version__, '| cuda', torch.version.cuda,
+'| transformers', transformers.__version__)"
+git rev-parse HEAD && git status --short | head
+
+python3 - "$work" <<'EOF'
+import json, sys
+from pathlib import Path
+import numpy as np
+from gpt2lib.data import read_asset_text, tokenize
+
+work = Path(sys.argv[1])
+tokens = tokenize(read_asset_text("tinyshakespeare.txt"))
+(work / "data").mkdir()
+for split, n in (("train", 40_000_000), ("val", 64 * 1024 * 160 + 1)):
+    np.save(work / "data" / f"standin_{split}_000000.npy", np.resize(tokens, n))
+lines = read_asset_text("hellaswag_handmade.jsonl").splitlines()
+(work / "hellaswag_val.jsonl").write_text(
+    "\n".join(lines[i % len(lines)] for i in range(10_042)) + "\n"
+)
+print(f"stand-in data: {len(tokens):,} Shakespeare tokens repeated; 10,042 examples")
+EOF
+
+for preset in gpt2-124m gpt2-124m-speedrun; do
+  stage "preflight $preset" "${limits[0]}" python3 -m gpt2lib.preflight \
+    --preset "$preset" --data "$work/data" --hellaswag "$work/hellaswag_val.jsonl" \
+    --out "$work/runs/$preset" --json "$out/preflight-$name-$preset.json" \
+    --no-progress "${device[@]}" "${shrink[@]}"
+done
+stage "bench" "${limits[1]}" \
+  python3 -m gpt2lib.bench "${bench[@]}" --json "$out/bench-$name.json"
+ls -l "$out"
