@@ -5,7 +5,8 @@ not show for real."""
 
 # %% auto #0
 __all__ = [
-    'Setting', 'book_setting', 'quiet_libraries', 'banner', 'show_help'
+    'Setting', 'book_setting', 'scratch_directory', 'quiet_libraries', 'banner',
+    'show_help'
 ]
 
 # %% ../nbs/00_runtime.ipynb #c020
@@ -13,7 +14,9 @@ import html
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -45,7 +48,23 @@ def book_setting() -> Setting:
     )
     print(f"Running on {device}, {scale} setting ({why}); torch {torch.__version__}")
     quiet_libraries()
+    scratch_directory()
     return Setting(device=device, small=scale == "small")
+
+
+_scratch = None  # the TemporaryDirectory of this process, once made
+
+
+def scratch_directory() -> Path:
+    """One directory for the temporary files of this chapter and of the programs it
+    starts (runs, stand-in weights, exports: hundreds of MB), removed when the kernel
+    stops, so that running the chapters again and again does not fill the disk."""
+    global _scratch
+    if _scratch is None:
+        _scratch = tempfile.TemporaryDirectory(prefix="gpt2lib-book-")
+        # tempfile's functions here, TMPDIR for the processes the chapter starts
+        tempfile.tempdir = os.environ["TMPDIR"] = _scratch.name
+    return Path(_scratch.name)
 
 
 def quiet_libraries() -> None:

@@ -4,6 +4,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,22 @@ SHAPES = {
     "medium-widths": (1, 16, 1024, 503, 128),
     "xl-widths": (1, 25, 1600, 503, 128),
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_inside_pytest(tmp_path_factory):
+    """What the suite and the programs it starts (torchrun, the CLIs) write to the
+    system's temporary directory goes inside pytest's base directory instead, which is
+    removed after a passing session: the suite leaves nothing in /tmp."""
+    path = tmp_path_factory.mktemp("tmp")
+    before = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = str(path)
+    yield path
+    tempfile.tempdir = before[0]
+    if before[1] is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = before[1]
 
 
 def make_hf_model(n_layer, n_head, n_embd, vocab_size, block_size, seed=0):

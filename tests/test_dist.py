@@ -33,7 +33,12 @@ CLI = [
     "cpu",
     "--no-progress",
 ]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 ranks on 2 cores
+
+
+def rank_env() -> dict:
+    """The environment of the ranks: 2 ranks on 2 cores; read when a test runs, after
+    conftest.py has pointed TMPDIR into pytest's directory."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def torchrun(n_procs, *args, timeout=300):
@@ -48,7 +53,9 @@ def torchrun(n_procs, *args, timeout=300):
         *CLI,
         *args,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=rank_env()
+    )
 
 
 def log(out):
@@ -200,7 +207,7 @@ def test_a_lost_rank_stops_the_other_with_a_clear_message(tmp_path, failure):
     wait forever."""
     out, timeout = tmp_path / "run", 4
     env = {
-        **ENV,
+        **rank_env(),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": "2",
