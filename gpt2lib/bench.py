@@ -6,7 +6,7 @@ fused AdamW), with tokens/s, MFU and peak memory for each rung."""
 
 # %% auto #0
 __all__ = [
-    'PEAK_BF16_TFLOPS', 'LADDER', 'MODELS', 'NOT_ON_MPS', 'REL_TOLERANCE',
+    'PEAK_BF16_TFLOPS', 'LADDER', 'MODELS', 'NOT_ON_MPS', 'REL_TOLERANCE', 'MATH_STEPS',
     'GPU_DEFAULTS', 'CPU_DEFAULTS', 'flops_per_token', 'peak_tflops', 'Recipe', 'Rung',
     'build_model', 'sync', 'time_recipe', 'release_memory', 'autocast_rung',
     'skip_reason', 'run_ladder', 'precision', 'check_math', 'device_peak_tflops',
@@ -324,6 +324,8 @@ REL_TOLERANCE = {
     "fp16": 4 * 2**-11,
     "bf16": 4 * 2**-8,
 }
+# the losses compared: at initialisation, then after each of 9 updates (see above)
+MATH_STEPS = 10
 
 
 def precision(recipe: dict) -> str:
@@ -336,8 +338,8 @@ def precision(recipe: dict) -> str:
 
 def check_math(rows: list[dict]) -> None:
     """Compare each rung that ran with the rung below it on the same batches: adds
-    `loss_diff` (the largest difference of their losses over all steps), `tolerance` and
-    `same_math`."""
+    `loss_diff` (the largest difference of their first `MATH_STEPS` losses), `tolerance`
+    and `same_math`."""
     below = None
     for row in rows:
         if row["status"] != "ran":
@@ -345,7 +347,7 @@ def check_math(rows: list[dict]) -> None:
         if below is not None and row["batch_size"] != below["batch_size"]:
             continue  # other batches: other losses, nothing to compare with
         if below is not None:
-            pairs = list(zip(row["losses"], below["losses"]))
+            pairs = list(zip(row["losses"], below["losses"]))[:MATH_STEPS]
             row["loss_diff"] = max(abs(a - b) for a, b in pairs)
             rel = max(
                 REL_TOLERANCE[precision(row["recipe"])],

@@ -7,8 +7,8 @@
 __all__ = [
     'HELLASWAG_URL', 'HELLASWAG_SPLITS', 'validation_loss', 'default_cache_dir',
     'download_hellaswag', 'check_example', 'read_hellaswag', 'render_example', 'Scores',
-    'score_example', 'block_size_of', 'check_examples_fit', 'evaluate_hellaswag',
-    'reference_figures', 'val_source', 'parse_args', 'run', 'main'
+    'ending_losses', 'score_example', 'block_size_of', 'check_examples_fit', 'batches',
+    'evaluate_hellaswag', 'reference_figures', 'val_source', 'parse_args', 'run', 'main'
 ]
 
 # %% ../nbs/08_eval.ipynb #c006
@@ -191,8 +191,10 @@ class Scores(NamedTuple):
 
 
 @torch.no_grad()
-def score_example(model, tokens: torch.Tensor, mask: torch.Tensor) -> Scores:
-    "Score the four rows of `render_example` with `model` (logits first in its output)."
+def ending_losses(model, tokens: torch.Tensor, mask: torch.Tensor):
+    """(sum, mean) of the token losses of each row's ending, for rows as
+    `render_example` makes them, any number of them (logits first in `model`'s
+    output)."""
     logits = model(tokens)[0]
     losses = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none"
@@ -200,7 +202,12 @@ def score_example(model, tokens: torch.Tensor, mask: torch.Tensor) -> Scores:
     # the loss at column t is the prediction of token t + 1
     ending = mask[:, 1:].float()
     sum_loss = (losses.view(tokens.size(0), -1) * ending).sum(dim=1)
-    mean_loss = sum_loss / ending.sum(dim=1)
+    return sum_loss, sum_loss / ending.sum(dim=1)
+
+
+def score_example(model, tokens: torch.Tensor, mask: torch.Tensor) -> Scores:
+    "Score the four rows of `render_example` with `model`."
+    sum_loss, mean_loss = ending_losses(model, tokens, mask)
     return Scores(sum_loss, mean_loss, int(sum_loss.argmin()), int(mean_loss.argmin()))
 
 # %% ../nbs/08_eval.ipynb #c024
@@ -236,6 +243,21 @@ def check_examples_fit(
         )
 
 
+def batches(widths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices of examples grouped for one forward pass each: longest first, so that
+    the rows of a batch need little padding, and at most `max_tokens` tokens (4 rows per
+    example, padded to the batch's longest) in each."""
+    order = sorted(range(len(widths)), key=lambda i: -widths[i])
+    groups = []
+    for i in order:
+        # the first example of a group is its longest: it sets the width
+        if groups and 4 * (len(groups[-1]) + 1) * widths[groups[-1][0]] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def evaluate_hellaswag(
     model,
     examples: list[dict],
@@ -244,27 +266,41 @@ def evaluate_hellaswag(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    max_tokens: int = 8192,
 ) -> dict:
-    """acc and acc_norm of `model` on `examples`; rank `rank` scores examples i %
-    world_size == rank and the counts are summed over ranks when a process group is
-    running."""
+    """acc and acc_norm of `model` on `examples`, scored in batches of at most
+    `max_tokens` tokens; rank `rank` scores examples i % world_size == rank and the
+    counts are summed over ranks when a process group is running."""
     from tqdm.auto import tqdm
 
     enc, max_len = get_encoding(), block_size_of(model)
+    mine = [
+        render_example(examples[i], enc, max_len)
+        for i in range(rank, len(examples), world_size)
+    ]
     was_training = model.training
     model.eval()
     n = correct = correct_norm = 0
-    for i in tqdm(
-        range(rank, len(examples), world_size),
-        desc="hellaswag",
-        disable=not progress or rank != 0,
-    ):
-        tokens, mask, label = render_example(examples[i], enc, max_len)
-        with autocast():
-            scores = score_example(model, tokens.to(device), mask.to(device))
-        n += 1
-        correct += scores.pred == label
-        correct_norm += scores.pred_norm == label
+    with tqdm(total=len(mine), desc="hellaswag", disable=not progress or rank) as bar:
+        for group in batches([tokens.size(1) for tokens, _, _ in mine], max_tokens):
+            width = mine[group[0]][0].size(1)
+            # padded at the end: causal attention keeps every real token from seeing it
+            tokens, mask = (
+                torch.cat(
+                    [
+                        F.pad(mine[i][part], (0, width - mine[i][part].size(1)))
+                        for i in group
+                    ]
+                ).to(device)
+                for part in (0, 1)
+            )
+            with autocast():
+                sum_loss, mean_loss = ending_losses(model, tokens, mask)
+            labels = torch.tensor([mine[i][2] for i in group], device=device)
+            n += len(group)
+            correct += int((sum_loss.view(-1, 4).argmin(1) == labels).sum())
+            correct_norm += int((mean_loss.view(-1, 4).argmin(1) == labels).sum())
+            bar.update(len(group))
     model.train(was_training)
     counts = torch.tensor([n, correct, correct_norm], dtype=torch.long, device=device)
     # summed over the ranks (chapter 6)

@@ -357,7 +357,12 @@ def check_checkpoint(
     return (
         f"{found['checkpoint_bytes'] / 2**20:,.1f} MB written in {found['save_s']:.2f} "
         "s and read back as --resume reads it; the next two steps' losses "
-        + ("are identical" if exact else f"agree within {allowed:.1e}")
+        + (
+            "are identical"
+            if exact
+            else f"differ by {max(abs(r - c) for r, c in zip(resumed, continued)):.1e} "
+            f"(allowed {allowed:.1e})"
+        )
     )
 
 # %% ../nbs/09_train.ipynb #p008
@@ -392,6 +397,7 @@ def check_evaluation(
             env.rank,
             env.world_size,
             progress=False,
+            max_tokens=cfg.batch_size * cfg.block_size,  # as the run scores them
         )
         found["hellaswag_s_per_example"] = (time.perf_counter() - t0) / len(some)
         parts.append(
@@ -596,8 +602,9 @@ def parse_args(argv=None):
     ap.add_argument(
         "--hellaswag-examples",
         type=int,
-        default=20,
-        help="HellaSwag examples to score (default: 20)",
+        default=100,
+        help="HellaSwag examples to score, in batches as the run scores them (default: "
+        "100)",
     )
     ap.add_argument(
         "--json",

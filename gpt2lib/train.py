@@ -206,6 +206,8 @@ class Evaluator:
                 self.env.rank,
                 self.env.world_size,
                 progress=False,
+                # as many tokens per pass as a training micro-batch, which fits
+                max_tokens=self.cfg.batch_size * self.cfg.block_size,
             )
             entry.update(
                 hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"]

@@ -488,3 +488,29 @@ def test_a_max_batch_size_larger_than_the_text_fails_before_any_rung(capsys):
     assert "needs 6,400,001 tokens, but the benchmark's text has" in str(
         exit.value.code
     )
+
+
+def test_check_math_compares_the_first_math_steps_and_not_the_chaos_after():
+    """On an H200 the rungs agreed to rounding for 19 steps, then a loss spike took
+    them apart by up to 1.3: a difference after the first MATH_STEPS losses is the
+    chaos of training, one inside them is a change of the math."""
+    from gpt2lib.bench import MATH_STEPS, check_math
+
+    reference = [10.0 - 0.1 * step for step in range(25)]
+
+    def verdict(losses):
+        fp32 = {"bf16": False, "tf32": False}
+        rows = [
+            {"status": "ran", "batch_size": 16, "recipe": fp32, "losses": reference},
+            {"status": "ran", "batch_size": 16, "recipe": fp32, "losses": losses},
+        ]
+        check_math(rows)
+        return rows[1]["same_math"]
+
+    spike_after = reference[:MATH_STEPS] + [x + 1.0 for x in reference[MATH_STEPS:]]
+    assert verdict(spike_after)
+    # 1e-3 is 100 times fp32's allowance (1e-5 of the loss)
+    inside = [
+        x + (1e-3 if step == MATH_STEPS - 1 else 0) for step, x in enumerate(reference)
+    ]
+    assert not verdict(inside)

@@ -13,8 +13,10 @@ from gpt2lib import evaluate
 from gpt2lib.checkpoint import load_model, save_checkpoint
 from gpt2lib.data import DataLoader
 from gpt2lib.evaluate import (
+    batches,
     check_example,
     download_hellaswag,
+    ending_losses,
     evaluate_hellaswag,
     main,
     read_hellaswag,
@@ -188,23 +190,92 @@ def test_model_with_short_block_size_is_scored_on_the_last_tokens(monkeypatch):
     short = GPT(
         GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)
     )
-    scored, real_score = [], evaluate.score_example
-    monkeypatch.setattr(
-        evaluate,
-        "score_example",
-        lambda model, tokens, mask: (
-            scored.append((tokens, mask)) or real_score(model, tokens, mask)
-        ),
-    )
+    scored, real = [], evaluate.ending_losses
+
+    def recording(model, tokens, mask):
+        scored.append((tokens, mask))
+        return real(model, tokens, mask)
+
+    monkeypatch.setattr(evaluate, "ending_losses", recording)
     result = evaluate_hellaswag(short, EXAMPLES[:2], "cpu", progress=False)
-    assert result["n"] == 2
-    for (tokens, mask), example in zip(scored, EXAMPLES[:2]):
+    assert result["n"] == 2 and len(scored) == 1  # both in one batch
+    tokens, mask = scored[0]
+    for k, example in enumerate(EXAMPLES[:2]):  # equal widths keep their order
         full, full_mask, _ = render_example(example)
-        assert (
-            full.size(1) > 16
-            and torch.equal(tokens, full[:, -16:])
-            and torch.equal(mask, full_mask[:, -16:])
+        assert full.size(1) > 16
+        assert torch.equal(tokens[4 * k : 4 * k + 4], full[:, -16:])
+        assert torch.equal(mask[4 * k : 4 * k + 4], full_mask[:, -16:])
+
+
+def test_rows_padded_into_a_batch_keep_their_losses(models):
+    """Rows of several examples padded to one width and scored in one pass get the
+    losses each example gets alone. Only rounding differs: matrix products of other
+    shapes sum in another order, in fp32 (unit roundoff 6e-8) over at most 3,072 terms
+    (the MLP), which bounds the relative change well below the 1e-4 allowed."""
+    _, ours, _ = models
+    alone = [render_example(example) for example in EXAMPLES]
+    width = max(tokens.size(1) for tokens, _, _ in alone)
+    tokens, mask = (
+        torch.cat([F.pad(r[part], (0, width - r[part].size(1))) for r in alone])
+        for part in (0, 1)
+    )
+    sum_loss, mean_loss = ending_losses(ours, tokens, mask)
+    for k, (t, m, _) in enumerate(alone):
+        scores = score_example(ours, t, m)
+        torch.testing.assert_close(
+            sum_loss[4 * k : 4 * k + 4], scores.sum_loss, rtol=1e-4, atol=0
         )
+        torch.testing.assert_close(
+            mean_loss[4 * k : 4 * k + 4], scores.mean_loss, rtol=1e-4, atol=0
+        )
+
+
+@pytest.mark.parametrize("max_tokens", [1, 100, 10**6])
+def test_batched_scoring_picks_what_one_at_a_time_picks(models, max_tokens):
+    """Any batch size (1: one example per pass; 10**6: all in one) picks each example's
+    ending as scoring it alone does: with every label set to the ending picked alone,
+    every example must count as right."""
+    _, ours, _ = models
+    picks = [score_example(ours, *render_example(ex)[:2]) for ex in EXAMPLES]
+    for field, key in (("pred", "correct"), ("pred_norm", "correct_norm")):
+        relabelled = [
+            {**ex, "label": getattr(pick, field)} for ex, pick in zip(EXAMPLES, picks)
+        ]
+        result = evaluate_hellaswag(
+            ours, relabelled, "cpu", progress=False, max_tokens=max_tokens
+        )
+        assert result[key] == len(EXAMPLES)
+
+
+def test_a_batch_holds_each_examples_rows_then_padding(models, monkeypatch):
+    """The rows go in as rendered, padding after them (where causal attention keeps
+    every real token from seeing it), longest example first."""
+    _, ours, _ = models
+    fed, real = [], evaluate.ending_losses
+
+    def recording(model, tokens, mask):
+        fed.append((tokens, mask))
+        return real(model, tokens, mask)
+
+    monkeypatch.setattr(evaluate, "ending_losses", recording)
+    evaluate_hellaswag(ours, EXAMPLES, "cpu", progress=False, max_tokens=10**6)
+    [(tokens, mask)] = fed
+    alone = [render_example(example) for example in EXAMPLES]
+    order = sorted(range(len(alone)), key=lambda i: -alone[i][0].size(1))
+    for j, i in enumerate(order):
+        rows, row_mask, _ = alone[i]
+        width = rows.size(1)
+        assert torch.equal(tokens[4 * j : 4 * j + 4, :width], rows)
+        assert torch.equal(mask[4 * j : 4 * j + 4, :width], row_mask)
+        assert not tokens[4 * j : 4 * j + 4, width:].any()
+        assert not mask[4 * j : 4 * j + 4, width:].any()
+
+
+def test_batches_are_longest_first_within_the_budget():
+    groups = batches([3, 10, 5, 10, 1], max_tokens=80)
+    assert groups == [[1, 3], [2, 0, 4]]  # 4 rows x 10 x 2 = 80; then width 5: 3 fit
+    assert batches([50], max_tokens=8) == [[0]]  # one example always goes alone
+    assert sorted(i for g in batches([7] * 9, 100) for i in g) == list(range(9))
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

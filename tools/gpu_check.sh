@@ -26,12 +26,12 @@ if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
   shrink=(--n-layer 2 --n-head 2 --n-embd 64 --block-size 64 --batch-size 4
           --total-batch-size 512 --eval-batches 2 --steps 2 --hellaswag-examples 2)
   bench=(--model tiny --device cpu --no-compile --steps 2 --warmup 1)
-  limits=(60 120)  # seconds: each preflight, the ladder
+  limits=(60 120)  # seconds: each preflight and HellaSwag, the ladder
 else
   device=(--device cuda)
   shrink=()
   bench=(--max-batch-size 64)
-  limits=(145 230)  # seconds: each preflight, the ladder
+  limits=(120 180)  # seconds: each preflight and HellaSwag, the ladder
 fi
 
 stage() {  # stage NAME SECONDS COMMAND...: run it, report how it ended and how long
@@ -72,6 +72,34 @@ for preset in gpt2-124m gpt2-124m-speedrun; do
     --out "$work/runs/$preset" --json "$out/preflight-$name-$preset.json" \
     --no-progress "${device[@]}" "${shrink[@]}"
 done
+# HellaSwag one example per forward pass (as gpt2lib scored it before) and in batches of a
+# training micro-batch's tokens: GPT-2 124M as initialised, the same examples, twice each
+stage "hellaswag" "${limits[0]}" python3 - "$work/hellaswag_val.jsonl" \
+  "$out/hellaswag-$name.json" "${device[1]}" <<'EOF'
+import json, sys, time
+import torch
+from gpt2lib.evaluate import evaluate_hellaswag, read_hellaswag
+from gpt2lib.model import GPT, GPTConfig
+from gpt2lib.runtime import atomic_write, autocast_for, provenance
+
+source, report, device = sys.argv[1:]
+small = device == "cpu"
+examples = read_hellaswag(source)[: 16 if small else 400]
+torch.manual_seed(1337)
+model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64) if small else GPTConfig())
+model.to(device)
+autocast, runs = autocast_for(device), []
+for max_tokens in (1, 64 * 1024) * 2:  # the first of each warms up
+    t0 = time.perf_counter()
+    scores = evaluate_hellaswag(
+        model, examples, device, autocast, progress=False, max_tokens=max_tokens
+    )
+    runs.append({"max_tokens": max_tokens, "seconds": time.perf_counter() - t0,
+                 "examples": len(examples), **scores})
+    print(runs[-1])
+result = {**provenance(device), "model": "gpt2", "runs": runs[2:]}
+atomic_write(report, json.dumps(result, indent=2) + "\n")
+EOF
 stage "bench" "${limits[1]}" \
   python3 -m gpt2lib.bench "${bench[@]}" --json "$out/bench-$name.json"
 ls -l "$out"

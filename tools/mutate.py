@@ -220,10 +220,19 @@ MUTANTS = [
     Mutant(
         "acc-norm-is-acc",
         "evaluate",
-        "mean_loss = sum_loss / ending.sum(dim=1)",
-        "mean_loss = sum_loss / 4",
+        "return sum_loss, sum_loss / ending.sum(dim=1)",
+        "return sum_loss, sum_loss / 4",
         ("test_evaluate",),
         "acc_norm does not divide by the ending's length",
+    ),
+    Mutant(
+        "hellaswag-padded-in-front",
+        "evaluate",
+        "F.pad(mine[i][part], (0, width - mine[i][part].size(1)))",
+        "F.pad(mine[i][part], (width - mine[i][part].size(1), 0))",
+        ("test_evaluate",),
+        "a batch's shorter rows are padded before their tokens, which then see the "
+        "padding",
     ),
     Mutant(
         "fineweb-no-separator",
