@@ -18,6 +18,7 @@ name=${2:?usage: bash tools/gpu_check.sh OUT_DIR NAME}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$out"
+exec > >(tee "$out/gpu_check-$name.log") 2>&1  # the log is a result too
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
