@@ -6,6 +6,9 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,3 +41,21 @@ def test_gpu_check_writes_every_result_the_chapters_read(tmp_path):
     assert not [
         p for p in Path(os.environ["TMPDIR"]).iterdir() if p.name.startswith("tmp")
     ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_check_without_a_gpu_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        ["bash", str(ROOT / "tools" / "gpu_check.sh"), str(out), "h100"],
+        env={k: v for k, v in os.environ.items() if k != "GPU_CHECK_SMALL"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "error: no CUDA GPU here: run this on a GPU machine, or set GPU_CHECK_SMALL=1 "
+        "to try the script on a CPU"
+    ]
+    assert not out.exists()

@@ -17,11 +17,11 @@ out=${1:?usage: bash tools/gpu_check.sh OUT_DIR NAME}
 name=${2:?usage: bash tools/gpu_check.sh OUT_DIR NAME}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-mkdir -p "$out"
-exec > >(tee "$out/gpu_check-$name.log") 2>&1  # the log is a result too
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-
+if ! python3 -c "import torch, tiktoken, transformers" 2>/dev/null; then
+  echo "error: python3 here lacks torch, tiktoken or transformers: pip install -e ." \
+    "in this checkout first" >&2
+  exit 1
+fi
 if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
   device=(--device cpu --no-compile)
   shrink=(--n-layer 2 --n-head 2 --n-embd 64 --block-size 64 --batch-size 4
@@ -29,18 +29,31 @@ if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
   bench=(--model tiny --device cpu --no-compile --steps 2 --warmup 1)
   limits=(60 120)  # seconds: each preflight and HellaSwag, the ladder
 else
+  if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "error: no CUDA GPU here: run this on a GPU machine, or set GPU_CHECK_SMALL=1" \
+      "to try the script on a CPU" >&2
+    exit 1
+  fi
   device=(--device cuda)
   shrink=()
-  bench=(--max-batch-size 64)
+  bench=(--device cuda --max-batch-size 64)
   limits=(120 180)  # seconds: each preflight and HellaSwag, the ladder
 fi
 
+mkdir -p "$out"
+exec > >(tee "$out/gpu_check-$name.log") 2>&1  # the log is a result too
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+failed=()
 stage() {  # stage NAME SECONDS COMMAND...: run it, report how it ended and how long
-  local what=$1 limit=$2 start=$SECONDS
+  local what=$1 limit=$2 start=$SECONDS status
   shift 2
   echo "== $what (at most $limit s)"
   timeout -s INT -k 20 "$limit" "$@"
-  echo "== $what: exit $? after $((SECONDS - start)) s"
+  status=$?
+  echo "== $what: exit $status after $((SECONDS - start)) s"
+  [ "$status" = 0 ] || failed+=("$what")
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
@@ -104,3 +117,7 @@ EOF
 stage "bench" "${limits[1]}" \
   python3 -m gpt2lib.bench "${bench[@]}" --json "$out/bench-$name.json"
 ls -l "$out"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "error: failed: ${failed[*]} (see above; what they measured is in $out)" >&2
+  exit 1
+fi
