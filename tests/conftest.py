@@ -39,6 +39,29 @@ def temporary_files_inside_pytest(tmp_path_factory):
         os.environ["TMPDIR"] = before[1]
 
 
+# Every switch of chapter 11 and Muon: the TrainConfig fields of a fully modern run
+MODERN_RECIPE = dict(
+    arch="modern",
+    rope=True,
+    qk_norm=True,
+    relu2=True,
+    untie_head=True,
+    zero_init_proj=True,
+    softcap=15.0,
+    optimizer="muon",
+    muon_lr=0.02,
+)
+
+
+def as_cli(fields: dict) -> list[str]:
+    "The command-line options of gpt2lib.train that set these TrainConfig fields."
+    args = []
+    for name, value in fields.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        args += [f"--{name.replace('_', '-')}", text]
+    return args
+
+
 def make_hf_model(n_layer, n_head, n_embd, vocab_size, block_size, seed=0):
     """An HF GPT-2 with random weights: HF's init, then noise on every parameter, so
     that biases and LayerNorm gains are not their trivial 0 and 1 and a mix-up cannot

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from conftest import MODERN_RECIPE, as_cli
 from gpt2lib import dist
 from gpt2lib.checkpoint import list_checkpoints
 from gpt2lib.train import PRESETS, train
@@ -267,37 +268,9 @@ def test_muon_on_two_ranks_equals_one_process(tmp_path):
     # Muon needs no communication of its own: after DDP's all-reduce each rank holds the
     # averaged gradient and takes the same orthogonalised step. Chapter 11's modern model, so
     # that every switch's code runs under DDP too.
-    switches = dict(
-        arch="modern",
-        rope=True,
-        qk_norm=True,
-        relu2=True,
-        untie_head=True,
-        softcap=15.0,
-    )
-    cfg = dataclasses.replace(SMOKE, **switches, optimizer="muon", muon_lr=0.02)
+    cfg = dataclasses.replace(SMOKE, **MODERN_RECIPE)
     train(cfg, tmp_path / "one", device="cpu", progress=False)
-    result = torchrun(
-        2,
-        "--out",
-        str(tmp_path / "two"),
-        "--arch",
-        "modern",
-        "--rope",
-        "true",
-        "--qk-norm",
-        "true",
-        "--relu2",
-        "true",
-        "--untie-head",
-        "true",
-        "--softcap",
-        "15",
-        "--optimizer",
-        "muon",
-        "--muon-lr",
-        "0.02",
-    )
+    result = torchrun(2, "--out", str(tmp_path / "two"), *as_cli(MODERN_RECIPE))
     assert result.returncode == 0, result.stderr[-3000:]
     (one_train, one_val), (two_train, two_val) = (
         losses(tmp_path / "one"),

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conftest import MODERN_RECIPE, as_cli
 from gpt2lib.checkpoint import (
     Checkpointer,
     list_checkpoints,
@@ -19,39 +20,9 @@ from gpt2lib.optim import Muon
 from gpt2lib.rundir import read_log
 from gpt2lib.train import PRESETS, build_model, train
 
-# The smoke preset with every switch of chapter 11 and Muon
-MODERN = dataclasses.replace(
-    PRESETS["smoke"],
-    arch="modern",
-    rope=True,
-    qk_norm=True,
-    relu2=True,
-    untie_head=True,
-    zero_init_proj=True,
-    softcap=15.0,
-    optimizer="muon",
-    muon_lr=0.02,
-)
-MODERN_CLI = [
-    "--arch",
-    "modern",
-    "--rope",
-    "true",
-    "--qk-norm",
-    "true",
-    "--relu2",
-    "true",
-    "--untie-head",
-    "true",
-    "--zero-init-proj",
-    "true",
-    "--softcap",
-    "15",
-    "--optimizer",
-    "muon",
-    "--muon-lr",
-    "0.02",
-]
+# The smoke preset with every switch of chapter 11 and Muon, and how the CLI asks for it
+MODERN = dataclasses.replace(PRESETS["smoke"], **MODERN_RECIPE)
+MODERN_CLI = as_cli(MODERN_RECIPE)
 
 
 def losses(out):
