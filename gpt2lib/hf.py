@@ -67,9 +67,9 @@ def resolve_pretrained(name_or_dir) -> Path:
 SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd")
 
 
-def read_hf_config(model_dir) -> gpt2lib.model.GPTConfig:
-    """Our GPTConfig from an HF GPT-2 `config.json`; a clear error naming the file for
-    anything else."""
+def read_hf_config(model_dir, config_class=None) -> gpt2lib.model.GPTConfig:
+    """Our GPTConfig (`config_class`, default `gpt2lib.model.GPTConfig`) from an HF
+    GPT-2 `config.json`; a clear error naming the file for anything else."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
@@ -105,7 +105,7 @@ def read_hf_config(model_dir) -> gpt2lib.model.GPTConfig:
             f"{path}: {', '.join(wrong)}; a GPT-2 config gives these as whole numbers"
         )
     try:
-        return gpt2lib.model.GPTConfig(**shape)
+        return (config_class or gpt2lib.model.GPTConfig)(**shape)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 
