@@ -348,7 +348,8 @@ def check_checkpoint(
         else REL_TOLERANCE[choose_precision(env.device, cfg.precision)]
         * abs(continued[0])
     )
-    if not all(abs(r - c) <= allowed for r, c in zip(resumed, continued)):
+    differ = max(abs(r - c) for r, c in zip(resumed, continued))
+    if differ > allowed:
         raise Failed(
             f"the steps after a resume compute losses {resumed}, the uninterrupted run "
             f"{continued}",
@@ -360,8 +361,7 @@ def check_checkpoint(
         + (
             "are identical"
             if exact
-            else f"differ by {max(abs(r - c) for r, c in zip(resumed, continued)):.1e} "
-            f"(allowed {allowed:.1e})"
+            else f"differ by {differ:.1e} (allowed {allowed:.1e})"
         )
     )
 
