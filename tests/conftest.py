@@ -29,14 +29,10 @@ def temporary_files_inside_pytest(tmp_path_factory):
     system's temporary directory goes inside pytest's base directory instead, which is
     removed after a passing session: the suite leaves nothing in /tmp."""
     path = tmp_path_factory.mktemp("tmp")
-    before = tempfile.tempdir, os.environ.get("TMPDIR")
-    tempfile.tempdir = os.environ["TMPDIR"] = str(path)
-    yield path
-    tempfile.tempdir = before[0]
-    if before[1] is None:
-        del os.environ["TMPDIR"]
-    else:
-        os.environ["TMPDIR"] = before[1]
+    with pytest.MonkeyPatch.context() as patch:  # put back after the session
+        patch.setattr(tempfile, "tempdir", str(path))
+        patch.setenv("TMPDIR", str(path))
+        yield path
 
 
 # Every switch of chapter 11 and Muon: the TrainConfig fields of a fully modern run
