@@ -63,7 +63,7 @@ python3 -c "import sys, torch, transformers; print('python', sys.version.split()
 git rev-parse HEAD && git status --short | head
 
 python3 - "$work" <<'EOF'
-import json, sys
+import sys
 from pathlib import Path
 import numpy as np
 from gpt2lib.data import read_asset_text, tokenize
