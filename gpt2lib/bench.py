@@ -30,6 +30,7 @@ from .data import DataLoader, read_asset_text, tokenize
 from .model import GPT, GPTConfig
 from .optim import configure_optimizer, train_step
 from gpt2lib.runtime import (
+    UserError,
     atomic_write,
     autocast_for,
     choose_precision,
@@ -258,7 +259,7 @@ def run_ladder(
     )
     largest = max(B, max_batch_size or 0)
     if largest * T + 1 > len(tokens):
-        raise ValueError(
+        raise UserError(
             f"a micro-batch of {largest} x {T} tokens needs {largest * T + 1:,} "
             "tokens, but the "
             f"benchmark's text has {len(tokens):,}; use a smaller --batch-size or "
@@ -454,22 +455,35 @@ def parse_args(argv=None):
     )
     ap.add_argument("--json", default=None, help="also write the result to this file")
     args = ap.parse_args(argv)
-    try:
-        args.device = resolve_device(args.device)
-    except ValueError as err:
-        ap.error(str(err))
+    # a value that parses but is out of range is a bad value like any other: one line
+    # and status 1 (argparse's usage and status 2 are for what does not parse)
+    args.device = resolve_device(args.device)
     defaults = GPU_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key in ("batch_size", "seq_len", "steps", "warmup", "max_batch_size"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
-            ap.error(f"--{key.replace('_', '-')} must be at least 1")
+            raise UserError(
+                f"--{key.replace('_', '-')} must be at least 1, got "
+                f"{getattr(args, key)}"
+            )
     if args.seq_len > MODELS[args.model].block_size:
-        ap.error(
+        raise UserError(
             f"--seq-len {args.seq_len} is longer than the model's block_size "
             f"{MODELS[args.model].block_size}"
         )
+    if args.json:  # before the measuring, not after it
+        path = Path(args.json).absolute()
+        blocking = next(
+            (p for p in path.parents if p.exists() and not p.is_dir()), None
+        )
+        if path.is_dir() or blocking is not None:
+            raise UserError(
+                f"--json {args.json}: "
+                + (f"{blocking} is a file" if blocking else "a directory")
+                + "; give the path of a file to write"
+            )
     return args
 
 
@@ -559,7 +573,7 @@ def main(argv=None) -> None:
     print(format_table(result))
     changed = [r["rung"] for r in result["rungs"] if r.get("same_math") is False]
     if changed:
-        raise RuntimeError(
+        raise UserError(
             f"{', '.join(changed)} changed the losses by more than rounding allows "
             "(see the last column): that rung does not compute the same training step"
         )

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import default_device, resolve_device
+from .runtime import default_device, resolve_device, UserError
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def book_setting() -> Setting:
         "full" if device.startswith("cuda") else "small"
     )
     if scale not in ("full", "small"):
-        raise ValueError(f"GPT2_BOOK_SCALE must be 'full' or 'small', not {scale!r}")
+        raise UserError(f"GPT2_BOOK_SCALE must be 'full' or 'small', not {scale!r}")
     why = (
         "chosen from the hardware"
         if "GPT2_BOOK_SCALE" not in os.environ

@@ -9,9 +9,10 @@ directory."""
 __all__ = [
     'CHECKPOINT_NAME', 'TRAINING_STATE', 'DEVICE_CHOICES', 'MODEL_SPEC_HELP',
     'rng_state', 'set_rng_state', 'checkpoint_step', 'remove_stale_temporary_files',
-    'list_checkpoints', 'save_checkpoint', 'read_checkpoint', 'check_checkpoint',
-    'load_latest_checkpoint', 'load_optimizer_state', 'refuse_earlier_checkpoints',
-    'Checkpointer', 'model_from_checkpoint', 'load_model'
+    'list_checkpoints', 'save_checkpoint', 'save', 'read_checkpoint',
+    'check_checkpoint', 'load_latest_checkpoint', 'load_optimizer_state',
+    'set_aside_damaged', 'refuse_earlier_checkpoints', 'Checkpointer',
+    'model_from_checkpoint', 'load_model'
 ]
 
 # %% ../nbs/09_train.ipynb #c017
@@ -20,6 +21,7 @@ import random
 import re
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ from . import dist
 from .hf import load_pretrained
 from .model import GPT, GPTConfig
 from .modern import ModernConfig, make_model
-from .runtime import atomic_write
+from .runtime import atomic_write, UserError
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{7})\.pt$")
 
@@ -89,13 +91,11 @@ def save_checkpoint(out_dir, step: int, state: dict, keep: int = 3) -> Path:
     """Write `state` as ckpt_{step}.pt atomically; then delete all but the newest `keep`
     (at least 1)."""
     if keep < 1:
-        raise ValueError(
+        raise UserError(
             f"keep must be at least 1, got {keep}: keeping none would delete the new "
             "checkpoint too"
         )
-    path = atomic_write(
-        Path(out_dir) / f"ckpt_{step:07d}.pt", lambda f: torch.save(state, f)
-    )
+    path = atomic_write(Path(out_dir) / f"ckpt_{step:07d}.pt", partial(save, state))
     # only now that the new one is safe, and only older ones: a newer file left
     # over from before a
     # resume (unreadable, or it would have been resumed from) is overwritten when
@@ -104,6 +104,18 @@ def save_checkpoint(out_dir, step: int, state: dict, keep: int = 3) -> Path:
     for old in older[: max(0, len(older) - (keep - 1))]:
         old.unlink()
     return path
+
+
+def save(state: dict, f) -> None:
+    "`torch.save(state, f)`, with a failed write raised as the OSError it is."
+    try:
+        torch.save(state, f)
+    except RuntimeError as err:
+        # torch reports a write that failed (a full disk) as a RuntimeError from its
+        # zip writer, the OSError being its context: the OSError is the user's
+        if isinstance(err.__context__, OSError):
+            raise err.__context__ from None
+        raise
 
 
 def read_checkpoint(path) -> dict:
@@ -130,12 +142,12 @@ def check_checkpoint(state, path, needs=TRAINING_STATE) -> dict:
     """`state` if it is a dict holding `needs`; an error naming the file and what is
     missing if not."""
     if not isinstance(state, dict):
-        raise ValueError(
+        raise UserError(
             f"{path} is not a gpt2lib checkpoint (it holds a {type(state).__name__})"
         )
     missing = [key for key in needs if key not in state]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{path} is not a complete gpt2lib checkpoint (no {', '.join(missing)})"
         )
     return state
@@ -160,7 +172,7 @@ def load_latest_checkpoint(out_dir, needs=TRAINING_STATE):
                 file=sys.stderr,
             )
     if candidates:
-        raise RuntimeError(
+        raise UserError(
             f"none of the {len(candidates)} checkpoints in {out_dir} can be loaded"
         )
     return None
@@ -184,11 +196,29 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 # %% ../nbs/09_train.ipynb #c022
+def set_aside_damaged(out_dir, after: Path) -> None:
+    """Rename the checkpoints newer than `after`, which could not be loaded, to
+    ckpt_N.pt.damaged, saying so: counted among the newest `keep`, they would have a
+    good one deleted in their place (call with the lock held)."""
+    for path in list_checkpoints(out_dir):
+        if checkpoint_step(path) > checkpoint_step(after):
+            aside, n = path.with_name(path.name + ".damaged"), 1
+            while aside.exists():  # one set aside before: both are kept
+                n += 1
+                aside = path.with_name(f"{path.name}.damaged-{n}")
+            path.rename(aside)
+            print(
+                f"warning: {path} cannot be used: moved aside as {aside.name}, so that "
+                "it is not counted among the checkpoints kept",
+                file=sys.stderr,
+            )
+
+
 def refuse_earlier_checkpoints(out_dir) -> None:
     """A new run must not start in a directory with another run's checkpoints (it would
     prune them)."""
     if list_checkpoints(out_dir):
-        raise ValueError(
+        raise UserError(
             f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
             "or choose another --out"
         )
@@ -232,7 +262,7 @@ class Checkpointer:
         if not self.env.is_main:
             return None
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise ValueError(
+            raise UserError(
                 f"not saving step {step}: the weights are not finite; {self.latest()}"
             )
         state = {
@@ -271,12 +301,13 @@ class Checkpointer:
                 for k in expected.keys() | saved.keys()
                 if saved.get(k) != expected.get(k)
             )
-            raise ValueError(
+            raise UserError(
                 f"{path} was written with different settings ({', '.join(changed)}); "
                 "resume with the "
                 "same preset and settings, or use another --out"
             )
         self._state = state  # rank 0 has read it already
+        set_aside_damaged(self.out_dir, after=path)
         return path, state["step"]
 
     def restore(self, announce: bool = True) -> int:
@@ -325,7 +356,7 @@ def model_from_checkpoint(state: dict, where) -> GPT:
         and isinstance(state.get("model"), dict)
         and isinstance(state.get("config"), dict)
     ):
-        raise ValueError(
+        raise UserError(
             f"{where} is not a gpt2lib training checkpoint (no 'model' and 'config' "
             "entries)"
         )
@@ -340,7 +371,7 @@ def model_from_checkpoint(state: dict, where) -> GPT:
         TypeError,
         ValueError,
     ) as err:  # a config of the wrong types or out of range
-        raise ValueError(
+        raise UserError(
             f"{where}: its config does not describe a GPT ({err})"
         ) from None
     weights = {
@@ -349,7 +380,7 @@ def model_from_checkpoint(state: dict, where) -> GPT:
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise ValueError(
+        raise UserError(
             f"{where}: the weights do not fit the model its config describes: "
             f"{str(err)[:500]}"
         ) from None
@@ -360,12 +391,19 @@ def load_model(spec: str, device="cpu") -> tuple[GPT, str]:
     """(model in eval mode, what was loaded) for a released name, an HF dir, a
     checkpoint or a run dir."""
     path = Path(spec).expanduser()
+    found = list_checkpoints(path)  # [] unless a directory holds checkpoints
+    if found and (path / "config.json").exists():  # which one did the user mean?
+        raise UserError(
+            f"{path} holds both an HF-format model (config.json) and a run's "
+            f"checkpoints (newest {found[-1].name}): give {found[-1]} for the "
+            "checkpoint, or move the HF files into a directory of their own"
+        )
     if path.is_file():
         try:
             state = read_checkpoint(path)
         # not a torch file, truncated, or holding objects weights_only refuses
         except Exception as err:
-            raise ValueError(
+            raise UserError(
                 f"{path}: cannot load as a checkpoint ({type(err).__name__}): not a "
                 "checkpoint "
                 "written by gpt2lib.train, or a damaged one"

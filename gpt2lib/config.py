@@ -6,9 +6,9 @@ field."""
 
 # %% auto #0
 __all__ = [
-    'PRESETS', 'AT_LEAST_1', 'NEVER_OR_EVERY', 'FINITE_POSITIVE', 'RULES', 'TRUE',
-    'FALSE', 'TrainConfig', 'option', 'check_config', 'value_parser',
-    'add_config_arguments', 'config_from_args'
+    'PRESETS', 'AT_LEAST_1', 'NEVER_OR_EVERY', 'MAX_LR', 'MAX_WEIGHT_DECAY',
+    'MAX_SOFTCAP', 'RULES', 'TRUE', 'FALSE', 'TrainConfig', 'option', 'check_config',
+    'value_parser', 'add_config_arguments', 'config_from_args'
 ]
 
 # %% ../nbs/09_train.ipynb #c004
@@ -22,7 +22,7 @@ from pathlib import Path
 from .data import SHIPPED_TEXTS
 from .model import GPTConfig
 from .modern import SWITCHES, ModernConfig
-from .runtime import PRECISIONS
+from .runtime import PRECISIONS, UserError
 from .tokenizer import EOT_TOKEN, encode_prompt
 
 
@@ -174,7 +174,9 @@ PRESETS["gpt2-124m-speedrun"] = dataclasses.replace(
 # %% ../nbs/09_train.ipynb #c007
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 NEVER_OR_EVERY = (lambda v: v >= 0, "0 (never) or more")
-FINITE_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number above 0")
+# the optimizer's floats reach float32 tensors: far above these bounds a step only
+# diverges, or overflows float32 (3.4e38) and stops the run at its first step
+MAX_LR, MAX_WEIGHT_DECAY, MAX_SOFTCAP = 100.0, 10.0, 1000.0
 
 RULES = {  # field: (test, the allowed values in words)
     "data": (
@@ -199,13 +201,16 @@ RULES = {  # field: (test, the allowed values in words)
         "at least 1, or auto (the largest that fits in memory)",
     ),
     "total_batch_size": AT_LEAST_1,
-    "max_lr": FINITE_POSITIVE,
+    "max_lr": (
+        lambda v: math.isfinite(v) and 0 < v <= MAX_LR,
+        f"a finite number above 0 and at most {MAX_LR:g} (GPT-2's is 6e-4)",
+    ),
     "min_lr_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "warmup_steps": (lambda v: v >= 0, "0 or more"),
     "max_steps": AT_LEAST_1,
     "weight_decay": (
-        lambda v: math.isfinite(v) and v >= 0,
-        "a finite number, 0 or more",
+        lambda v: math.isfinite(v) and 0 <= v <= MAX_WEIGHT_DECAY,
+        f"a finite number, 0 or more and at most {MAX_WEIGHT_DECAY:g} (0.1 is usual)",
     ),
     "grad_clip": (lambda v: v > 0, "above 0 (inf: no clipping)"),
     "eval_every": NEVER_OR_EVERY,
@@ -236,8 +241,9 @@ RULES = {  # field: (test, the allowed values in words)
         for name in ("rope", "qk_norm", "relu2", "untie_head", "zero_init_proj")
     },
     "softcap": (
-        lambda v: math.isfinite(v) and v >= 0,
-        "0 (off) or a finite cap above 0, e.g. 15 (with --arch modern)",
+        lambda v: math.isfinite(v) and 0 <= v <= MAX_SOFTCAP,
+        f"0 (off) or a cap above 0 and at most {MAX_SOFTCAP:g}, e.g. 15 (with --arch "
+        "modern)",
     ),
     "optimizer": (lambda v: v in ("adamw", "muon"), "adamw or muon"),
     "muon_lr": (
@@ -257,7 +263,7 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
     "Raise a ValueError naming the first setting of `cfg` that is out of range."
 
     def bad(name, allowed):
-        raise ValueError(
+        raise UserError(
             f"{name} = {getattr(cfg, name)!r} is not allowed: it must be {allowed} "
             f"({option(name)})"
         )
@@ -326,7 +332,7 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
             if len(cfg.sample_prompt) <= 40
             else repr(cfg.sample_prompt[:40]) + "..."
         )
-        raise ValueError(
+        raise UserError(
             f"sample_prompt = {shown} is not allowed: {err} (--sample-prompt)"
         ) from None
 
@@ -387,10 +393,20 @@ def add_config_arguments(ap: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The preset `args.preset` with the settings given on the command line (not yet
-    validated)."""
+    validated). A Muon setting given with AdamW would be ignored: it is refused, as
+    chapter 11's switches are with GPT-2's architecture (a preset's own value is not
+    the user's, and passes)."""
     changes = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
         if hasattr(args, f.name)
     }
-    return dataclasses.replace(PRESETS[args.preset], **changes)
+    cfg = dataclasses.replace(PRESETS[args.preset], **changes)
+    for name in ("muon_lr", "muon_momentum"):
+        if cfg.optimizer == "adamw" and name in changes:
+            raise UserError(
+                f"{name} = {changes[name]!r} is not allowed: it must be left out with "
+                "--optimizer adamw, which has no Muon part; add --optimizer muon "
+                f"({option(name)})"
+            )
+    return cfg

@@ -6,7 +6,7 @@ resumes where it was."""
 
 # %% auto #0
 __all__ = [
-    'ASSETS', 'SHIPPED_TEXTS', 'TOKEN_DTYPE', 'read_asset_text', 'tokenize',
+    'ASSETS', 'SHIPPED_TEXTS', 'TOKEN_DTYPE', 'REMAKE', 'read_asset_text', 'tokenize',
     'unigram_probs', 'bigram_nll', 'baseline_losses', 'load_tokens', 'find_shards',
     'split_shards', 'DataLoader'
 ]
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .tokenizer import get_encoding
+from .runtime import UserError
 
 ASSETS = files("gpt2lib") / "assets"
 # Texts that ship with gpt2lib, by the name a training run's `data` setting uses
@@ -89,19 +90,30 @@ def baseline_losses(
 TOKEN_DTYPE = np.uint16
 
 
+# what to do about a shard that holds nothing, or nothing readable
+REMAKE = "re-make the shards with gpt2-fineweb, or remove that file"
+
+
 def load_tokens(path) -> np.ndarray:
-    "A 1-D uint16 token array from a `.npy` file, memory-mapped (shards can be large)."
+    """A 1-D uint16 token array from a `.npy` file, memory-mapped (shards can be large):
+    the one place a shard is opened, so every command refuses a bad one alike."""
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except EOFError:  # a file of 0 bytes: no header to read
+        raise UserError(f"{path}: an empty file, not a token shard; {REMAKE}") from None
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable .npy token file ({err})") from None
+        raise UserError(
+            f"{path}: not a readable .npy token file ({err}); {REMAKE}"
+        ) from None
     if tokens.dtype != TOKEN_DTYPE or tokens.ndim != 1:
-        raise ValueError(
+        raise UserError(
             f"{path}: tokens must be a 1-D {np.dtype(TOKEN_DTYPE).name} array, got "
             f"{tokens.ndim}-D {tokens.dtype}"
             " (GPT-2 ids fit in uint16; convert with tokens.astype(np.uint16) after "
             "checking they are < 65536)"
         )
+    if len(tokens) == 0:  # nothing to train on, evaluate or check
+        raise UserError(f"{path}: a shard of 0 tokens; {REMAKE}")
     return tokens
 
 
@@ -153,7 +165,7 @@ class DataLoader:
         vocab_size: int | None = None,
     ):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+            raise UserError(f"rank {rank} is not in [0, world_size={world_size})")
         self.B, self.T = B, T
         self.rank, self.world_size = rank, world_size
         self.seed, self.vocab_size = seed, vocab_size
@@ -170,7 +182,7 @@ class DataLoader:
         self.lengths = lengths
         self.usable = [i for i, n in enumerate(lengths) if n >= self.span + 1]
         if not self.usable:
-            raise ValueError(
+            raise UserError(
                 "the data is shorter than one batch: the longest shard has "
                 f"{max(lengths):,} tokens but one step needs B*T*world_size + 1 = "
                 f"{B}*{T}*{world_size} + 1 = {self.span + 1:,}"
@@ -200,7 +212,7 @@ class DataLoader:
                 where = (
                     "the token array" if isinstance(source, np.ndarray) else str(source)
                 )
-                raise ValueError(
+                raise UserError(
                     f"{where}: token id {int(tokens.max())} does not fit the "
                     f"model's vocab_size {self.vocab_size}; were these tokens made "
                     "by another tokenizer?"
@@ -245,7 +257,7 @@ class DataLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state["n_sources"] != len(self.sources):
-            raise ValueError(
+            raise UserError(
                 f"the saved data position is in {state['n_sources']} shards, but "
                 f"the data now has {len(self.sources)}: resume with the shards the "
                 "run started with (adding or removing shards changes what every "

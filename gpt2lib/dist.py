@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .runtime import resolve_device
+from .runtime import resolve_device, UserError
 
 # seconds a collective may wait for the other ranks (NCCL's own default)
 DEFAULT_TIMEOUT = 600.0
@@ -68,7 +68,7 @@ def world_size_from_env() -> int:
     "The number of processes torchrun started (1 outside torchrun), checked."
     world_size = _env_int("WORLD_SIZE") if launched_by_torchrun() else 1
     if world_size < 1:
-        raise ValueError(
+        raise UserError(
             f"torchrun's environment says WORLD_SIZE={world_size}; "
             "it must be at least 1"
         )
@@ -79,7 +79,7 @@ def _env_int(name: str) -> int:
     try:
         return int(os.environ[name])
     except (KeyError, ValueError):
-        raise ValueError(
+        raise UserError(
             f"torchrun's environment is incomplete: {name}={os.environ.get(name)!r} "
             "(launch with torchrun, or set RANK, LOCAL_RANK and WORLD_SIZE together)"
         ) from None
@@ -92,7 +92,7 @@ def setup(device: str | None = None, timeout: float | None = None) -> DistEnv:
     device = resolve_device(device)
     timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
     if not (math.isfinite(timeout) and 0 < timeout <= 7 * 24 * 3600):
-        raise ValueError(
+        raise UserError(
             "the collective timeout must be a finite number of seconds up to a week, "
             f"got {timeout}"
         )
@@ -103,7 +103,7 @@ def setup(device: str | None = None, timeout: float | None = None) -> DistEnv:
     if device.startswith("cuda"):
         n_gpus = torch.cuda.device_count()
         if local_rank >= n_gpus:
-            raise RuntimeError(
+            raise UserError(
                 f"rank {rank} (local rank {local_rank}) needs GPU cuda:{local_rank}, "
                 f"but this machine has {n_gpus} GPU{'s' if n_gpus != 1 else ''}: "
                 f"launch at most {n_gpus} processes per machine "

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from .data import DataLoader, split_shards
 from .dist import all_reduce_sum
-from .runtime import atomic_write
+from .runtime import atomic_write, UserError
 from .tokenizer import EOT_TOKEN, get_encoding
 
 
@@ -75,7 +75,7 @@ def download_hellaswag(
     from tqdm.auto import tqdm
 
     if split not in HELLASWAG_SPLITS:
-        raise ValueError(
+        raise UserError(
             f"HellaSwag split must be one of {', '.join(HELLASWAG_SPLITS)}, not "
             f"{split!r}"
         )
@@ -115,24 +115,24 @@ def check_example(example) -> dict:
     """`example` if it has what scoring needs: a `ctx` text, four non-empty `endings`
     texts, a `label` 0-3."""
     if not isinstance(example, dict):
-        raise ValueError(f"expected a JSON object, got {type(example).__name__}")
+        raise UserError(f"expected a JSON object, got {type(example).__name__}")
     missing = [key for key in ("ctx", "endings", "label") if key not in example]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)}")
+        raise UserError(f"missing {', '.join(missing)}")
     ctx, endings, label = example["ctx"], example["endings"], example["label"]
     if not (isinstance(ctx, str) and ctx.strip()):
-        raise ValueError(f"ctx must be non-empty text, got {json.dumps(ctx)[:200]}")
+        raise UserError(f"ctx must be non-empty text, got {json.dumps(ctx)[:200]}")
     if not (
         isinstance(endings, list)
         and len(endings) == 4
         and all(isinstance(e, str) and e.strip() for e in endings)
     ):
-        raise ValueError(
+        raise UserError(
             "endings must be a list of 4 non-empty texts, got "
             f"{json.dumps(endings)[:200]}"
         )
     if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < 4):
-        raise ValueError(f"label must be 0, 1, 2 or 3, got {label!r}")
+        raise UserError(f"label must be 0, 1, 2 or 3, got {label!r}")
     return example
 
 
@@ -148,9 +148,9 @@ def read_hellaswag(path) -> list[dict]:
         try:
             examples.append(check_example(json.loads(line)))
         except ValueError as err:  # also bad JSON and bad UTF-8
-            raise ValueError(f"{path}, line {number}: {err}") from None
+            raise UserError(f"{path}, line {number}: {err}") from None
     if not examples:
-        raise ValueError(f"{path} holds no examples")
+        raise UserError(f"{path} holds no examples")
     return examples
 
 # %% ../nbs/08_eval.ipynb #c016
@@ -167,7 +167,7 @@ def render_example(example: dict, enc=None, max_len: int | None = None):
         cut = longest - max_len
         # the first ending token must follow at least one context token
         if cut >= len(ctx):
-            raise ValueError(
+            raise UserError(
                 f"an ending of {max(len(e) for e in endings)} tokens does not fit in "
                 f"{max_len} tokens after its context"
             )
@@ -224,7 +224,7 @@ def check_examples_fit(
 ) -> None:
     "Refuse, before any scoring, examples a model of this shape cannot score."
     if vocab_size <= EOT_TOKEN:
-        raise ValueError(
+        raise UserError(
             "HellaSwag is scored in GPT-2's tokens, but the model's vocab_size is "
             f"{vocab_size}"
         )
@@ -237,7 +237,7 @@ def check_examples_fit(
         except ValueError:
             too_long += 1
     if too_long:
-        raise ValueError(
+        raise UserError(
             f"{too_long} of {len(examples)} HellaSwag examples have an ending too long "
             f"for block_size {block_size}; use a longer block_size, or no HellaSwag"
         )
@@ -388,9 +388,11 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.hellaswag is None and args.val is None:
         ap.error("nothing to evaluate: give --hellaswag [PATH] and/or --val DATA")
+    # a value that parses but is out of range is a bad value like any other: one line
+    # and status 1 (argparse's usage and status 2 are for what does not parse)
     for name in ("limit", "val_batches", "batch_size", "seq_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            ap.error(
+            raise UserError(
                 f"--{name.replace('_', '-')} must be at least 1, got "
                 f"{getattr(args, name)}"
             )
@@ -419,7 +421,7 @@ def run(args) -> dict:
     if shards is not None:
         T = args.seq_len or model.config.block_size
         if T > model.config.block_size:
-            raise ValueError(
+            raise UserError(
                 f"--seq-len {T} is longer than the model reads (block_size "
                 f"{model.config.block_size})"
             )
@@ -427,7 +429,7 @@ def run(args) -> dict:
             shards, args.batch_size, T, vocab_size=model.config.vocab_size
         )
         if args.val_batches > loader.batches_per_epoch():
-            raise ValueError(
+            raise UserError(
                 f"--val-batches {args.val_batches} is more than {args.val} holds: "
                 f"{loader.batches_per_epoch()} batches of {args.batch_size} × {T} "
                 "tokens"

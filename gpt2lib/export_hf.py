@@ -17,10 +17,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .checkpoint import MODEL_SPEC_HELP, load_model
+from .checkpoint import MODEL_SPEC_HELP, list_checkpoints, load_model
 from .hf import hf_config, to_hf_state_dict
 from .model import GPT
-from .runtime import command_name, run_command
+from .rundir import LOG, SAMPLES, SUMMARY
+from .runtime import command_name, run_command, UserError
 
 EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json")
 # chapter 11's switches that change the function computed: GPT-2's format has no place
@@ -39,7 +40,7 @@ def check_exportable(model, what: str = "the model") -> None:
     changes = model.config.changes() if hasattr(model.config, "changes") else []
     words = [NOT_IN_GPT2_FORMAT[name] for name in changes if name in NOT_IN_GPT2_FORMAT]
     if words:
-        raise ValueError(
+        raise UserError(
             f"{what} uses {', '.join(words)}, which GPT-2's format (transformers' "
             "GPT2LMHeadModel) cannot represent; nothing was written. Sample or "
             "evaluate it from the checkpoint instead (gpt2-sample, gpt2-evaluate)"
@@ -57,6 +58,18 @@ def check_out_dir(out_dir, force: bool = False) -> Path:
     if blocking is not None:
         raise FileExistsError(
             f"cannot create {out}: {blocking} is a file, not a directory"
+        )
+    # a run's directory, even with force: `load_model` would have to choose between
+    # the export and the checkpoints, and the export goes stale as the run goes on
+    run = [p.name for p in list_checkpoints(out)[-1:]] + [
+        name for name in (LOG, SAMPLES, SUMMARY) if (out / name).exists()
+    ]
+    if run:
+        raise FileExistsError(
+            f"{out} holds a training run ({', '.join(run)}): a model exported there "
+            "would stand for the run in gpt2-sample and gpt2-evaluate however far it "
+            "goes on, so it is refused even with --force; export into a directory of "
+            "its own"
         )
     if out.is_dir() and any(out.iterdir()) and not force:
         raise FileExistsError(
@@ -95,6 +108,13 @@ def export_hf(model: GPT, out_dir, force: bool = False) -> Path:
         (tmp / "generation_config.json").write_text(
             json.dumps(generation, indent=2) + "\n"
         )
+        # mkdtemp makes a private directory and safetensors a private file; a model is
+        # ordinary files, as the umask makes them (0755 and 0644 under umask 022)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~umask)
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an empty target: replace it whole
         if not out.exists():

@@ -10,7 +10,7 @@ __all__ = [
     'document_files', 'read_parquet_texts', 'read_jsonl_texts', 'local_documents',
     'hub_documents', 'sha256_file', 'write_shard', 'shard_name', 'save_manifest',
     'read_manifest', 'open_manifest', 'check_manifest', 'verify_shards', 'tokenized',
-    'write_shards', 'at_least', 'parse_args', 'main'
+    'write_shards', 'parse_args', 'main'
 ]
 
 # %% ../nbs/07_fineweb.ipynb #c006
@@ -33,7 +33,7 @@ import numpy as np
 
 from .data import TOKEN_DTYPE, load_tokens
 from .hub import hub_reachable
-from .runtime import LOCK_NAME, atomic_write, lock_directory
+from .runtime import LOCK_NAME, atomic_write, lock_directory, UserError
 from .tokenizer import EOT_TOKEN, get_encoding
 
 DATASET, NAME = "HuggingFaceFW/fineweb-edu", "sample-10BT"
@@ -47,7 +47,7 @@ def tokenize_doc(text: str) -> np.ndarray:
         [EOT_TOKEN, *get_encoding().encode_ordinary(text)], dtype=np.int64
     )
     if tokens.max() >= 2**16 or tokens.min() < 0:
-        raise ValueError(
+        raise UserError(
             f"token id {tokens.max()} does not fit in uint16: is this GPT-2's "
             "tokenizer?"
         )
@@ -75,12 +75,12 @@ def document_files(paths) -> list[Path]:
             files += found
         elif path.is_file():
             if not path.name.endswith(DOC_SUFFIXES):
-                raise ValueError(f"{path}: not a {', '.join(DOC_SUFFIXES)} file")
+                raise UserError(f"{path}: not a {', '.join(DOC_SUFFIXES)} file")
             files.append(path)
         else:
             raise FileNotFoundError(f"no such file or directory: {path}")
     if not files:
-        raise ValueError("no input files given")
+        raise UserError("no input files given")
     return files
 
 
@@ -92,9 +92,9 @@ def read_parquet_texts(path, text_field: str = "text") -> Iterator[str]:
     try:
         reader = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises its own error types for a damaged file
-        raise ValueError(f"{path}: not a readable parquet file ({err})") from None
+        raise UserError(f"{path}: not a readable parquet file ({err})") from None
     if text_field not in reader.schema_arrow.names:
-        raise ValueError(
+        raise UserError(
             f"{path}: no {text_field!r} column (columns: "
             f"{', '.join(reader.schema_arrow.names)})"
         )
@@ -102,7 +102,7 @@ def read_parquet_texts(path, text_field: str = "text") -> Iterator[str]:
     for batch in reader.iter_batches(batch_size=1024, columns=[text_field]):
         for text in batch.column(0).to_pylist():
             if not isinstance(text, str):
-                raise ValueError(
+                raise UserError(
                     f"{path}, row {row}: {text_field!r} is {type(text).__name__}, not "
                     "text"
                 )
@@ -126,27 +126,25 @@ def read_jsonl_texts(path, text_field: str = "text") -> Iterator[str]:
                 try:
                     text = json.loads(raw.decode("utf-8"))[text_field]
                 except UnicodeDecodeError:
-                    raise ValueError(
-                        f"{path}, line {line_no}: not UTF-8 text"
-                    ) from None
+                    raise UserError(f"{path}, line {line_no}: not UTF-8 text") from None
                 except json.JSONDecodeError as err:
-                    raise ValueError(
+                    raise UserError(
                         f"{path}, line {line_no}: not valid JSON ({err.msg})"
                     ) from None
                 except (KeyError, TypeError, IndexError):
-                    raise ValueError(
+                    raise UserError(
                         f"{path}, line {line_no}: not an object with a {text_field!r} "
                         "field"
                     ) from None
                 if not isinstance(text, str):
-                    raise ValueError(
+                    raise UserError(
                         f"{path}, line {line_no}: {text_field!r} is "
                         f"{type(text).__name__}, not text"
                     )
                 yield text
     # a truncated or damaged .gz
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-        raise ValueError(
+        raise UserError(
             f"{path}: the gzip file is damaged or incomplete after line {line_no} "
             f"({type(err).__name__}: {err})"
         ) from None
@@ -173,7 +171,7 @@ def hub_documents(
         why = (
             " because HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else ""
         )
-        raise RuntimeError(
+        raise ConnectionError(
             f"cannot reach the Hugging Face hub to stream {dataset} ({name}){why}. "
             "Download its parquet files where there is a network and pass them with "
             "--local PATH."
@@ -243,20 +241,22 @@ def read_manifest(out) -> dict:
         )
     try:
         manifest = json.loads(path.read_text())
-        if not (
-            isinstance(manifest.get("settings"), dict)
-            and isinstance(manifest.get("shards"), list)
-        ):
-            raise ValueError("no settings or shards")
+        # what every reader of a manifest looks up, each of the type written
+        kinds = {"settings": dict, "shards": list, "finished": bool}
+        wrong = [
+            k for k, kind in kinds.items() if not isinstance(manifest.get(k), kind)
+        ]
+        if wrong:
+            raise UserError(f"no valid {', '.join(wrong)}")
         for shard in manifest["shards"]:
             if not (
                 isinstance(shard, dict)
                 and {"name", "tokens", "sha256", "next_doc", "next_offset"}
                 <= shard.keys()
             ):
-                raise ValueError(f"a shard entry is incomplete: {str(shard)[:100]}")
+                raise UserError(f"a shard entry is incomplete: {str(shard)[:100]}")
     except (ValueError, AttributeError) as err:  # also bad JSON and bad UTF-8
-        raise ValueError(
+        raise UserError(
             f"{path} is damaged ({err}); delete {out} and start again"
         ) from None
     return manifest
@@ -273,7 +273,7 @@ def open_manifest(out, settings: dict) -> dict:
         if manifest["shards"] or manifest["finished"]:
             return check_manifest(out, manifest, settings)
     elif out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
-        raise ValueError(
+        raise UserError(
             f"{out} is not empty and holds no {MANIFEST}: use a new or empty directory "
             "for the shards"
         )
@@ -300,7 +300,7 @@ def check_manifest(out: Path, manifest: dict, settings: dict) -> dict:
         if manifest["settings"].get(key) != value
     ]
     if changed:
-        raise ValueError(
+        raise UserError(
             f"{out} holds shards made with other settings: {'; '.join(changed)}. "
             "Rerun with the same settings to resume, or use another --out"
         )
@@ -308,7 +308,7 @@ def check_manifest(out: Path, manifest: dict, settings: dict) -> dict:
     for shard in manifest["shards"]:
         path = out / shard["name"]
         if not path.is_file() or len(load_tokens(path)) != shard["tokens"]:
-            raise ValueError(
+            raise UserError(
                 f"{path} is missing or has the wrong size; delete {out} and start again"
             )
     return manifest
@@ -387,7 +387,7 @@ def write_shards(
     from tqdm.auto import tqdm
 
     if shard_size < 1 or (limit_docs is not None and limit_docs < 0):
-        raise ValueError(
+        raise UserError(
             "shard_size must be positive and limit_docs non-negative, got "
             f"{shard_size}, {limit_docs}"
         )
@@ -402,18 +402,25 @@ def write_shards(
     }
     try:
         with lock_directory(out, "gpt2lib.fineweb"):
-            return _write_shards(
-                docs,
-                out,
-                open_manifest(out, settings),
-                shard_size,
-                workers,
-                limit_docs,
-                stop_after,
-                progress,
-                prefix,
-                tqdm,
-            )
+            had_manifest = (out / MANIFEST).exists()
+            try:
+                return _write_shards(
+                    docs,
+                    out,
+                    open_manifest(out, settings),
+                    shard_size,
+                    workers,
+                    limit_docs,
+                    stop_after,
+                    progress,
+                    prefix,
+                    tqdm,
+                )
+            except BaseException:
+                # an empty directory it was given: empty again (we hold the lock)
+                if not had_manifest and not any(out.glob("*.npy")):
+                    (out / MANIFEST).unlink(missing_ok=True)
+                raise
     except BaseException:
         # it stopped before its first shard: leave no trace
         if created and not any(out.glob("*.npy")):
@@ -451,7 +458,7 @@ def _write_shards(
         try:
             digest = write_shard(out / name, tokens)
         except OSError as err:
-            raise RuntimeError(
+            raise UserError(
                 f"writing {out / name} failed ({err}); the partial file was removed. "
                 "Fix the cause and rerun the same command to resume"
             ) from err
@@ -494,25 +501,31 @@ def _write_shards(
             pos = start_offset if doc_index == start_doc else 0
             n_docs = doc_index + 1
             while pos < len(tokens):
+                # a full shard is written when a token for the next one comes: the
+                # last one waits for the end of the documents (see below)
+                if filled == shard_size:
+                    add_shard(buf, next_doc=doc_index, next_offset=pos)
+                    filled = 0
+                    bar.set_postfix(shards=len(shards))
+                    if stop_after is not None and run["new_shards"] >= stop_after:
+                        return summary()
                 take = min(shard_size - filled, len(tokens) - pos)
                 buf[filled : filled + take] = tokens[pos : pos + take]
                 filled, pos = filled + take, pos + take
                 run["new_tokens"] += take
                 bar.update(take)
-                if filled == shard_size:
-                    done = pos == len(tokens)
-                    add_shard(
-                        buf, next_doc=doc_index + done, next_offset=0 if done else pos
-                    )
-                    filled = 0
-                    bar.set_postfix(shards=len(shards))
-                    if stop_after is not None and run["new_shards"] >= stop_after:
-                        return summary()
+    source = manifest["settings"]["source"]
+    if not shards and not filled:
+        raise UserError(f"no documents in {source}: nothing to shard")
+    if not shards:  # the only shard would be shard 0, the validation split
+        raise UserError(
+            f"{source} holds {filled:,} tokens, no more than one shard (--shard-size "
+            f"{shard_size:,}): all would be validation data (shard 0) and none left "
+            f"to train on; nothing was written. Rerun with a --shard-size below "
+            f"{filled:,} (shard 0 holds that many, the rest trains), or more documents"
+        )
     if filled:
         add_shard(buf[:filled], next_doc=n_docs, next_offset=0)
-    if not shards:
-        source = manifest["settings"]["source"]
-        raise ValueError(f"no documents in {source}: nothing to shard")
     manifest.update(finished=True, docs=n_docs, tokens=sum(s["tokens"] for s in shards))
     save_manifest(out, manifest)
     return summary()
@@ -521,18 +534,6 @@ def _write_shards(
 import argparse
 
 from .runtime import EXIT_INTERRUPTED, command_name, run_command
-
-
-def at_least(low: int):
-    "An argparse type: an int of at least `low`."
-
-    def parse(text):
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
 
 
 def parse_args(argv=None):
@@ -560,23 +561,23 @@ def parse_args(argv=None):
         help="the column or JSON field holding a document's text",
     )
     ap.add_argument(
-        "--shard-size", type=at_least(1), default=SHARD_SIZE, help="tokens per shard"
+        "--shard-size", type=int, default=SHARD_SIZE, help="tokens per shard"
     )
     ap.add_argument(
         "--workers",
-        type=at_least(1),
+        type=int,
         default=os.cpu_count() or 1,
         help="tokenizer processes (1: in-process)",
     )
     ap.add_argument(
         "--limit-docs",
-        type=at_least(0),
+        type=int,
         default=None,
         help="shard only the first N documents",
     )
     ap.add_argument(
         "--stop-after",
-        type=at_least(1),
+        type=int,
         default=None,
         help="stop after writing N shards (rerun to continue)",
     )
@@ -586,7 +587,17 @@ def parse_args(argv=None):
         help="only check the shards in --out against the manifest",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    # a value that parses but is out of range is a bad value like any other: one line
+    # and status 1 (argparse's usage and status 2 are for what does not parse)
+    lowest = {"shard_size": 1, "workers": 1, "limit_docs": 0, "stop_after": 1}
+    for name, low in lowest.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise UserError(
+                f"--{name.replace('_', '-')} must be at least {low}, got {value}"
+            )
+    return args
 
 
 @run_command
@@ -595,7 +606,7 @@ def main(argv=None) -> int:
     if args.verify:
         problems = verify_shards(args.out)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise UserError("; ".join(problems))
         n = len(read_manifest(args.out)["shards"])
         print(f"{args.out}: all {n} shards match the manifest")
         return 0

@@ -7,7 +7,7 @@ and layouts."""
 # %% auto #0
 __all__ = [
     'HF_NAMES', 'WEIGHT_FILES', 'SHAPE_KEYS', 'CONV1D_WEIGHTS', 'resolve_pretrained',
-    'read_hf_config', 'read_hf_state_dict', 'convert_hf_state_dict',
+    'read_hf_config', 'hf_head_is_tied', 'read_hf_state_dict', 'convert_hf_state_dict',
     'load_hf_state_dict', 'load_pretrained', 'hf_config', 'to_hf_state_dict'
 ]
 
@@ -20,6 +20,7 @@ import torch
 from .hub import GPT2_SHAPES, hub_reachable
 import gpt2lib.model  # by module: a caller may load into its own GPT class
 from .tokenizer import EOT_TOKEN
+from .runtime import UserError
 
 HF_NAMES = {
     **{n: n for n in GPT2_SHAPES},
@@ -78,19 +79,19 @@ def read_hf_config(model_dir, config_class=None) -> gpt2lib.model.GPTConfig:
     try:
         hf = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:  # bad JSON, bad UTF-8
-        raise ValueError(f"{path}: not a JSON config ({err})") from None
+        raise UserError(f"{path}: not a JSON config ({err})") from None
     if not isinstance(hf, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{path}: model_type is {hf['model_type']!r}, not 'gpt2'")
+        raise UserError(f"{path}: model_type is {hf['model_type']!r}, not 'gpt2'")
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(
+        raise UserError(
             f"{path}: activation_function {act!r}; this GPT implements GELU-tanh "
             "(gelu_new)"
         )
     if hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
-        raise ValueError(
+        raise UserError(
             f"{path}: layer_norm_epsilon {hf['layer_norm_epsilon']}; this GPT uses 1e-5"
         )
     shape = {key: hf.get(key) for key in SHAPE_KEYS}
@@ -101,13 +102,24 @@ def read_hf_config(model_dir, config_class=None) -> gpt2lib.model.GPTConfig:
         if not isinstance(value, int) or isinstance(value, bool)
     ]
     if wrong:
-        raise ValueError(
+        raise UserError(
             f"{path}: {', '.join(wrong)}; a GPT-2 config gives these as whole numbers"
         )
     try:
         return (config_class or gpt2lib.model.GPTConfig)(**shape)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise UserError(f"{path}: {err}") from None
+
+
+def hf_head_is_tied(model_dir) -> bool:
+    """Whether an HF GPT-2's `lm_head` is its token embedding, as GPT-2's is: true
+    unless `config.json` (read by `read_hf_config` first) says `tie_word_embeddings:
+    false`, as chapter 10 exports chapter 11's untied head."""
+    path = Path(model_dir) / "config.json"
+    tied = json.loads(path.read_text(encoding="utf-8")).get("tie_word_embeddings", True)
+    if not isinstance(tied, bool):
+        raise UserError(f"{path}: tie_word_embeddings is {tied!r}, not true or false")
+    return tied
 
 
 def read_hf_state_dict(model_dir) -> dict:
@@ -120,7 +132,7 @@ def read_hf_state_dict(model_dir) -> dict:
         try:
             return reader(path)
         except Exception as err:  # safetensors, pickle and JSON each raise their own
-            raise ValueError(
+            raise UserError(
                 f"{path}: cannot be read ({type(err).__name__}); the file is damaged "
                 "or incomplete, download or export it again"
             ) from None
@@ -154,9 +166,9 @@ CONV1D_WEIGHTS = (
 )
 
 
-def convert_hf_state_dict(hf_sd: dict, ours: dict) -> dict:
-    """HF GPT-2 tensors renamed and transposed to the keys and shapes of `ours`; raises
-    on any mismatch."""
+def convert_hf_state_dict(hf_sd: dict, ours: dict, tied: bool = True) -> dict:
+    """HF GPT-2 tensors renamed and transposed to the keys and shapes of `ours` (whose
+    lm_head is wte if `tied`); raises on any mismatch."""
     converted = {}
     for key, tensor in hf_sd.items():
         if key.endswith((".attn.bias", ".attn.masked_bias")):
@@ -170,17 +182,23 @@ def convert_hf_state_dict(hf_sd: dict, ours: dict) -> dict:
             tensor = tensor.t()
         converted[name] = tensor
     lm_head = converted.pop("lm_head.weight", None)
-    if lm_head is not None and "transformer.wte.weight" in converted:
-        if not torch.equal(lm_head, converted["transformer.wte.weight"]):
-            raise ValueError(
-                "checkpoint has an lm_head.weight different from "
-                "transformer.wte.weight; GPT ties them"
-            )
-    expected = {k: v for k, v in ours.items() if k != "lm_head.weight"}  # tied to wte
+    if not tied:  # the head has a weight of its own, which must be there
+        expected = ours
+        if lm_head is not None:
+            converted["lm_head.weight"] = lm_head
+    else:
+        expected = {k: v for k, v in ours.items() if k != "lm_head.weight"}  # is wte
+        if lm_head is not None and "transformer.wte.weight" in converted:
+            if not torch.equal(lm_head, converted["transformer.wte.weight"]):
+                raise UserError(
+                    "checkpoint has an lm_head.weight different from "
+                    "transformer.wte.weight, yet its config ties them (an untied "
+                    "head needs tie_word_embeddings false)"
+                )
     missing = sorted(expected.keys() - converted.keys())
     unexpected = sorted(converted.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"state dict does not match GPT: missing keys {missing[:5]}, unexpected "
             f"keys {unexpected[:5]}"
         )
@@ -191,7 +209,7 @@ def convert_hf_state_dict(hf_sd: dict, ours: dict) -> dict:
                 if key.endswith(CONV1D_WEIGHTS)
                 else tuple(tensor.shape)
             )
-            raise ValueError(
+            raise UserError(
                 f"{key}: checkpoint shape {hf_shape} (as stored) does not fit the "
                 f"model's {tuple(expected[key].shape)}"
             )
@@ -202,8 +220,9 @@ def load_hf_state_dict(model, hf_sd: dict):
     """Copy an HF GPT2LMHeadModel state dict into `model` (see `convert_hf_state_dict`);
     returns `model`."""
     ours = model.state_dict()
+    tied = model.lm_head.weight is model.transformer.wte.weight
     with torch.no_grad():
-        for key, tensor in convert_hf_state_dict(hf_sd, ours).items():
+        for key, tensor in convert_hf_state_dict(hf_sd, ours, tied).items():
             ours[key].copy_(tensor)
     return model
 
@@ -214,6 +233,8 @@ def load_pretrained(name_or_dir, model_class=None):
     model_class = model_class or gpt2lib.model.GPT
     model_dir = resolve_pretrained(name_or_dir)
     model = model_class(read_hf_config(model_dir))
+    if not hf_head_is_tied(model_dir):  # the head gets a weight of its own (exercise 3)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     return load_hf_state_dict(model, read_hf_state_dict(model_dir)).eval()
 
 # %% ../nbs/02_model.ipynb #c026b

@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from .runtime import UserError
+
 # The released GPT-2 sizes by their HF names. All have block_size 1024 and vocab_size
 # 50257.
 GPT2_SHAPES = {
@@ -51,7 +53,7 @@ def load_hf_gpt2(name: str = "gpt2", seed: int = 0):
     neither works. Returns `(model, is_real)`: a caller must tell its reader when
     `is_real` is False."""
     if name not in GPT2_SHAPES:
-        raise ValueError(
+        raise UserError(
             f"unknown GPT-2 model {name!r}; the released ones are "
             f"{', '.join(GPT2_SHAPES)}"
         )

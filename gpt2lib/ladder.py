@@ -6,16 +6,23 @@ per rung, the validation loss at one token budget and the tokens to reach GPT-2'
 
 # %% auto #0
 __all__ = [
-    'RUNGS', 'SIZES', 'corpus_shards', 'rung_configs', 'run_once', 'tokens_to_reach',
-    'mean_curve', 'summarise', 'format_table', 'run_ladder', 'parse_args', 'main'
+    'RUNGS', 'SIZES', 'corpus_shards', 'rung_configs', 'LadderStopped',
+    'stop_on_signals', 'run_once', 'tokens_to_reach', 'mean_curve', 'summarise',
+    'format_table', 'progress', 'run_ladder', 'parse_args', 'check_json_path',
+    'stopped_line', 'main'
 ]
 
 # %% ../nbs/11_speedrun.ipynb #c014
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
+import os
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +34,7 @@ from .config import PRESETS, TrainConfig
 from .data import SHIPPED_TEXTS, read_asset_text, tokenize
 from .rundir import read_log
 from gpt2lib.runtime import (
+    UserError,
     atomic_write,
     command_name,
     provenance,
@@ -114,17 +122,53 @@ def rung_configs(
     return configs
 
 
+class LadderStopped(KeyboardInterrupt):
+    """A signal (Ctrl-C's SIGINT, a scheduler's SIGTERM) stopped the ladder. `signum`:
+    the signal; `result`: what finished, complete runs only, marked "complete": false
+    (None until `run_ladder` has made it)."""
+
+    def __init__(self, signum: int, result: dict | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.result = int(signum), result
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While the ladder runs, SIGINT and SIGTERM stop it at once (LadderStopped): the
+    run in progress is dropped, never recorded. Inside a run's training loop train's
+    own handler takes the signal first, finishes the step and returns early, and
+    `run_once` stops the ladder then; a second signal there aborts the step."""
+
+    def stop(signum, frame):
+        raise LadderStopped(signum)
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[signum] = signal.signal(signum, stop)
+        except ValueError:  # not the main thread: leave the signals alone
+            pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def run_once(cfg: TrainConfig, seed: int, device: str, work: Path) -> dict:
-    "Train `cfg` with `seed` in a new directory under `work`: its curves and wall time."
+    """Train `cfg` with `seed` in a new directory under `work`: its curves and wall
+    time. A run that a signal cut short is no result: LadderStopped."""
     out = Path(tempfile.mkdtemp(prefix=f"seed{seed}-", dir=work))
     t0 = time.perf_counter()
-    train(
+    final = train(
         dataclasses.replace(cfg, seed=seed),
         out,
         device=device,
         compile=False,
         progress=False,
     )
+    if not final.get("finished"):  # train finished its step after a signal
+        raise LadderStopped(final.get("signal", signal.SIGINT))
     seconds = time.perf_counter() - t0
     log = read_log(out / "log.jsonl")
     per_step = cfg.total_batch_size
@@ -201,39 +245,75 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def progress(result: dict, planned: list[str], seeds: list[int]) -> dict:
+    """`result` as it stands: the rungs with a finished run, "complete" (every planned
+    run finished) and, if not, the runs "missing" ({"rung", "seeds"} per rung)."""
+    done = {
+        (rung["name"], run["seed"]) for rung in result["rungs"] for run in rung["runs"]
+    }
+    missing = [
+        {"rung": name, "seeds": [s for s in seeds if (name, s) not in done]}
+        for name in planned
+        if any((name, s) not in done for s in seeds)
+    ]
+    return {
+        **result,
+        "rungs": [rung for rung in result["rungs"] if rung["runs"]],
+        "complete": not missing,
+        "missing": missing,
+    }
+
+
 def run_ladder(
     base: TrainConfig,
     seeds: list[int],
     device: str,
     upto: int | None = None,
     save=None,
-    echo=print,
+    echo=functools.partial(print, flush=True),
 ) -> dict:
     """Every rung for every seed, in a temporary work directory; `save(result)` after
-    each run (a long ladder keeps what it measured), `echo` a line per run."""
-    with tempfile.TemporaryDirectory(prefix="gpt2lib-ladder-") as work:
-        vocab_size = corpus_shards(Path(work) / "tokens")
-        base = dataclasses.replace(
-            base, data=str(Path(work) / "tokens"), vocab_size=vocab_size
-        )
-        result = {"base": dataclasses.asdict(base), "seeds": seeds, "rungs": []}
-        for name, cfg in rung_configs(base, upto):
-            changed = {
-                k: v
-                for k, v in dataclasses.asdict(cfg).items()
-                if v != getattr(base, k)
-            }
-            rung = {"name": name, "changes": changed, "runs": []}
-            result["rungs"].append(rung)
-            for seed in seeds:
-                rung["runs"].append(run_once(cfg, seed, device, Path(work)))
-                run = rung["runs"][-1]
-                echo(
-                    f"{name:16s} seed {seed}: val loss {run['val'][-1][1]:.4f} "
-                    f"({run['seconds']:.0f} s)"
-                )
-                if save:
-                    save(result)
+    each run (a long ladder keeps what it measured: "complete": false until the last
+    run), `echo` a line per run. The first SIGINT or SIGTERM stops the ladder: the run
+    it cut short is dropped, the finished ones are saved (marked incomplete, with what
+    is missing) and LadderStopped carries them."""
+    planned = [name for name, _ in RUNGS[:upto]]
+    result = {"base": dataclasses.asdict(base), "seeds": seeds, "rungs": []}
+    try:
+        with (
+            stop_on_signals(),
+            tempfile.TemporaryDirectory(prefix="gpt2lib-ladder-") as work,
+        ):
+            vocab_size = corpus_shards(Path(work) / "tokens")
+            base = dataclasses.replace(
+                base, data=str(Path(work) / "tokens"), vocab_size=vocab_size
+            )
+            result["base"] = dataclasses.asdict(base)
+            for name, cfg in rung_configs(base, upto):
+                changed = {
+                    k: v
+                    for k, v in dataclasses.asdict(cfg).items()
+                    if v != getattr(base, k)
+                }
+                rung = {"name": name, "changes": changed, "runs": []}
+                result["rungs"].append(rung)
+                for seed in seeds:
+                    run = run_once(cfg, seed, device, Path(work))
+                    rung["runs"].append(run)
+                    echo(
+                        f"{name:16s} seed {seed}: val loss {run['val'][-1][1]:.4f} "
+                        f"({run['seconds']:.0f} s)"
+                    )
+                    if save:
+                        save(progress(result, planned, seeds))
+    except KeyboardInterrupt as stop:  # LadderStopped, or a second Ctrl-C in a step
+        signum = getattr(stop, "signum", signal.SIGINT)
+        partial = progress(result, planned, seeds)
+        partial["stopped_by"] = signal.Signals(signum).name
+        if save and partial["rungs"]:  # nothing finished: nothing to save
+            save(partial)
+        raise LadderStopped(signum, partial) from None
+    result = progress(result, planned, seeds)
     result["summary"] = summarise(result)
     if save:
         save(result)
@@ -290,18 +370,63 @@ def parse_args(argv=None):
         "--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)"
     )
     ap.add_argument(
-        "--json", default=None, help="write the result, with its provenance, here"
+        "--json",
+        default=None,
+        help="write the result, with its provenance, to this new file (after every "
+        "run: a stopped ladder keeps its finished runs, marked incomplete)",
+    )
+    ap.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite the --json file if it exists (a ladder does not resume)",
     )
     return ap.parse_args(argv)
 
 
+def check_json_path(path: Path, force: bool = False) -> None:
+    """Refuse, before any run, a --json that cannot be written or that would overwrite
+    a file without `force`: a directory, a missing or read-only parent directory."""
+    if path.is_dir():
+        raise UserError(f"--json {path} is a directory: give a file name in it")
+    if path.exists() and not force:
+        raise UserError(
+            f"--json {path} exists: pass --force to overwrite it (a ladder does not "
+            "resume), or choose another file"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"--json {path}: there is no directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--json {path}: cannot write to the directory {parent}")
+
+
+def stopped_line(stop: LadderStopped, path: Path | None, planned: int) -> str:
+    "The one line a stopped ladder ends with: what was saved, and how to go on."
+    done = sum(len(rung["runs"]) for rung in stop.result["rungs"])
+    name = signal.Signals(stop.signum).name
+    if path is None:
+        saved = f"{done} of {planned} runs had finished; nothing saved (no --json)"
+    elif done:
+        saved = (
+            f"saved the {done} of {planned} runs that finished to {path} (marked "
+            '"complete": false, with the "missing" ones)'
+        )
+    else:
+        saved = f"no run had finished, {path} not written"
+    again = " with --force" if path is not None and done else ""
+    return (
+        f"{name}: the ladder stopped; {saved}. A ladder does not resume: rerun the "
+        f"command{again} to measure it all"
+    )
+
+
 @run_command
-def main(argv=None) -> None:
+def main(argv=None) -> int | None:
     args = parse_args(argv)
     if not 1 <= args.seeds <= 100:
-        raise ValueError(f"--seeds {args.seeds}: give 1 to 100 seeds")
+        raise UserError(f"--seeds {args.seeds}: give 1 to 100 seeds")
     if not 1 <= args.rungs <= len(RUNGS):
-        raise ValueError(
+        raise UserError(
             f"--rungs {args.rungs}: give 1 to {len(RUNGS)} (the rungs: "
             f"{', '.join(name for name, _ in RUNGS)})"
         )
@@ -317,12 +442,17 @@ def main(argv=None) -> None:
             base = dataclasses.replace(base, **{name: getattr(args, name)})
     if args.threads is not None:
         if args.threads < 1:
-            raise ValueError(f"--threads {args.threads}: give 1 or more")
+            raise UserError(f"--threads {args.threads}: give 1 or more")
         torch.set_num_threads(args.threads)
     rung_configs(base, args.rungs)  # every rung's settings checked before the first run
+    path = Path(args.json) if args.json else None
+    if path:
+        check_json_path(path, args.force)
     device = resolve_device(args.device)
     command = "python -m gpt2lib.ladder " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in vars(args).items()
+        if v is not None and v is not False
     )
     record = {
         "command": command,
@@ -330,16 +460,21 @@ def main(argv=None) -> None:
         "size": args.size,
         "threads": torch.get_num_threads(),
     }
-    path = Path(args.json) if args.json else None
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
 
     def save(result):
         atomic_write(path, json.dumps({**record, **result}, indent=1) + "\n")
 
-    result = run_ladder(
-        base, list(range(args.seeds)), device, args.rungs, save=save if path else None
-    )
+    try:
+        result = run_ladder(
+            base,
+            list(range(args.seeds)),
+            device,
+            args.rungs,
+            save=save if path else None,
+        )
+    except LadderStopped as stop:  # 130 after Ctrl-C, 143 after SIGTERM
+        print(stopped_line(stop, path, args.seeds * args.rungs), file=sys.stderr)
+        return 128 + stop.signum
     print(format_table(result["summary"]))
 
 

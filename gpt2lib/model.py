@@ -5,8 +5,9 @@ that it loads the released weights and reproduces their logits."""
 
 # %% auto #0
 __all__ = [
-    'GPTConfig', 'causal_mask', 'manual_attention', 'CausalSelfAttention', 'MLP',
-    'Block', 'MaskPadding', 'GPT', 'sample_next', 'KVCache', 'generate_tokens'
+    'MIN_TEMPERATURE', 'GPTConfig', 'causal_mask', 'manual_attention',
+    'CausalSelfAttention', 'MLP', 'Block', 'MaskPadding', 'GPT', 'sample_next',
+    'KVCache', 'generate_tokens'
 ]
 
 # %% ../nbs/02_model.ipynb #c004
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from .runtime import UserError
 
 
 @dataclass
@@ -34,15 +37,15 @@ class GPTConfig:
     def __post_init__(self):
         for field in "block_size vocab_size n_layer n_head n_embd pad_vocab_to".split():
             if getattr(self, field) < 1:
-                raise ValueError(
+                raise UserError(
                     f"GPTConfig.{field} must be positive, got {getattr(self, field)}"
                 )
         if self.n_embd % self.n_head:
-            raise ValueError(
+            raise UserError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
         if self.attn_impl not in ("sdpa", "manual"):
-            raise ValueError(
+            raise UserError(
                 "GPTConfig.attn_impl must be 'sdpa' or 'manual', got "
                 f"{self.attn_impl!r}"
             )
@@ -185,7 +188,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.length  # positions already cached
         if start + T > self.config.block_size:
-            raise ValueError(
+            raise UserError(
                 f"sequence of {start + T} tokens is longer than block_size "
                 f"{self.config.block_size}"
             )
@@ -238,16 +241,24 @@ class GPT(nn.Module):
         )
 
 # %% ../nbs/02_model.ipynb #c031
+# The lowest temperature: the logits are divided by it in fp32, whose largest value is
+# 3.4e38, so at 1e-4 every logit smaller than 3.4e34 in size stays finite (a model's are
+# tens); a smaller one gains nothing, as sampling is greedy already: logits 0.01 apart
+# end up 100 apart, a factor e^100 in probability.
+MIN_TEMPERATURE = 1e-4
+
+
 def sample_next(
     logits, temperature: float = 1.0, top_k: int | None = 50, generator=None
 ):
     """Draw one token per row from `logits` (B, vocab) after temperature and top-k;
     returns (B, 1)."""
-    if temperature <= 0:
-        raise ValueError(
-            f"temperature must be positive, got {temperature} (use top_k=1 for greedy)"
+    if not MIN_TEMPERATURE <= temperature < math.inf:  # NaN too
+        raise UserError(
+            f"temperature must be a finite number of at least {MIN_TEMPERATURE}, got "
+            f"{temperature} (use top_k=1 for greedy)"
         )
-    logits = logits / temperature
+    logits = logits.float() / temperature  # fp32 under autocast too
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -291,7 +302,7 @@ def generate_tokens(
     token (KVCache); the tokens are the same either way."""
     block_size = model.config.block_size
     if idx.size(1) > block_size:
-        raise ValueError(
+        raise UserError(
             f"prompt has {idx.size(1)} tokens, more than block_size {block_size}"
         )
     cache = None

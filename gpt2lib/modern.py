@@ -26,6 +26,7 @@ from gpt2lib.model import (
     CausalSelfAttention,
     GPTConfig,
 )
+from .runtime import UserError
 
 SWITCHES = ("rope", "qk_norm", "relu2", "untie_head", "zero_init_proj", "softcap")
 
@@ -43,16 +44,16 @@ class ModernConfig(GPTConfig):
     def __post_init__(self):
         super().__post_init__()
         if not (math.isfinite(self.softcap) and self.softcap >= 0):
-            raise ValueError(
+            raise UserError(
                 f"ModernConfig.softcap must be 0 (off) or above, got {self.softcap}"
             )
         if self.rope and (self.n_embd // self.n_head) % 2:
-            raise ValueError(
+            raise UserError(
                 f"rope rotates pairs of coordinates: the head size n_embd / n_head = "
                 f"{self.n_embd // self.n_head} must be even"
             )
         if not (math.isfinite(self.rope_base) and self.rope_base > 1):
-            raise ValueError(
+            raise UserError(
                 f"ModernConfig.rope_base must be above 1, got {self.rope_base}"
             )
 

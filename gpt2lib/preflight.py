@@ -8,8 +8,9 @@ was measured."""
 # %% auto #0
 __all__ = [
     'Check', 'Failed', 'check_environment', 'check_data', 'check_hellaswag',
-    'build_parts', 'one_step', 'timed_steps', 'check_step', 'scratch_directory',
-    'check_checkpoint', 'check_evaluation', 'duration', 'estimate', 'preflight',
+    'build_parts', 'one_step', 'timed_steps', 'step_rates', 'check_step',
+    'scratch_directory', 'check_checkpoint', 'check_evaluation', 'duration', 'run_time',
+    'estimate', 'restate_hellaswag', 'refuse_if_in_use', 'write_report', 'preflight',
     'parse_args', 'main'
 ]
 
@@ -20,6 +21,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from gpt2lib.runtime import (
     USER_ERRORS,
     DirectoryLocked,
     atomic_write,
+    is_out_of_memory,
     autocast_for,
     choose_precision,
     command_name,
@@ -52,13 +55,14 @@ from gpt2lib.train import (
     build_model,
     fit_batch_size,
     gpu_defaults,
-    is_out_of_memory,
     largest_micro_batch,
     load_hellaswag,
     make_loaders,
     rank_error,
+    refuse_to_overwrite,
     release,
     run_arguments,
+    run_events,
     setup_run,
     take_step,
     wrap_model,
@@ -222,6 +226,23 @@ def timed_steps(
     return parts
 
 
+def step_rates(
+    tokens_per_step: int,
+    step_s: float,
+    world_size: int,
+    flops_per_token: float,
+    peak_tflops: float | None,
+) -> tuple[float, float | None]:
+    """The whole run's tokens per second, and its MFU: the model FLOPs that each of the
+    `world_size` GPUs does per second, over one GPU's peak (None: peak unknown)."""
+    tokens_per_s = tokens_per_step / step_s
+    if not peak_tflops:
+        return tokens_per_s, None
+    return tokens_per_s, tokens_per_s / world_size * flops_per_token / (
+        peak_tflops * 1e12
+    )
+
+
 def check_step(
     cfg: TrainConfig, env: dist.DistEnv, compile: bool, steps: int, found: dict
 ) -> str:
@@ -247,10 +268,13 @@ def check_step(
             f"total_batch_size {cfg.total_batch_size:,})",
         ) from None
     step_s = statistics.median(run["times"][1:])
-    tokens_per_s = cfg.total_batch_size / step_s
-    peak = found.get("peak_tflops")
-    flops = flops_per_token(cfg.model_config(), cfg.block_size)
-    mfu = tokens_per_s / env.world_size * flops / (peak * 1e12) if peak else None
+    tokens_per_s, mfu = step_rates(
+        cfg.total_batch_size,
+        step_s,
+        env.world_size,
+        flops_per_token(cfg.model_config(), cfg.block_size),
+        found.get("peak_tflops"),
+    )
     memory = (
         torch.cuda.max_memory_allocated(env.device)
         if env.device.startswith("cuda")
@@ -277,11 +301,13 @@ def check_step(
 def scratch_directory(out: Path, env: dist.DistEnv) -> Path:
     """A new directory inside `out` for the round trip (the disk the run will write),
     made by rank 0 while it holds `out`'s lock: a run already at work there is named,
-    not disturbed."""
+    not disturbed, and an earlier run there is refused as gpt2-train refuses it."""
 
     def make():
         try:
             with lock_directory(out, "run"):
+                # the trainer's own refusal: an earlier run there, to be overwritten
+                refuse_to_overwrite(out, resume=False)
                 return str(tempfile.mkdtemp(prefix=".preflight-", dir=out)), None
         except DirectoryLocked as err:
             return None, (str(err), "wait for that run to end, or use another --out")
@@ -290,6 +316,8 @@ def scratch_directory(out: Path, env: dist.DistEnv) -> Path:
                 f"cannot write to --out {out}: {err.strerror or err}",
                 "a writable --out (the run writes its checkpoints there)",
             )
+        except USER_ERRORS as err:  # its message says what to do
+            return None, (one_line(err), "")
 
     path, problem = dist.broadcast_object(make() if env.is_main else None)
     if problem:
@@ -356,8 +384,9 @@ def check_checkpoint(
             "a resume would not continue the run as it was: report this as a bug",
         )
     return (
-        f"{found['checkpoint_bytes'] / 2**20:,.1f} MB written in {found['save_s']:.2f} "
-        "s and read back as --resume reads it; the next two steps' losses "
+        f"{found['checkpoint_bytes'] / 2**20:,.1f} MiB written in "
+        f"{found['save_s']:.2f} s and read back as --resume reads it; the next two "
+        "steps' losses "
         + (
             "are identical"
             if exact
@@ -406,10 +435,16 @@ def check_evaluation(
         score()
         t0 = time.perf_counter()
         scores = score()
-        found["hellaswag_s_per_example"] = (time.perf_counter() - t0) / len(some)
+        # per example on one rank: the ranks share them out, every world_size-th to
+        # each, and rank 0 has the most (the estimate shares out the whole set so)
+        found["hellaswag_s_per_example"] = (time.perf_counter() - t0) / len(
+            some[:: env.world_size]
+        )
+        found["hellaswag_warm"] = True  # reports without it timed the first call
         parts.append(
             f"HellaSwag on {scores['n']} examples "
-            f"({found['hellaswag_s_per_example'] * 1000:.2f} ms each)"
+            f"({found['hellaswag_s_per_example'] * 1000:.2f} ms each"
+            + (f" on each of {env.world_size} ranks)" if env.world_size > 1 else ")")
         )
     t0 = time.perf_counter()
     texts = (
@@ -445,34 +480,41 @@ def duration(seconds: float) -> str:
     )
 
 
+def run_time(
+    cfg: TrainConfig, world_size: int, measured: dict, hellaswag_examples: int
+) -> dict:
+    """The whole run's wall time from what was measured: `measured` holds step_s,
+    first_step_s, sample_s, save_s, and val_s and hellaswag_s_per_example (one rank's
+    time per example) when the run has them; the run's `hellaswag_examples` are
+    shared out between its `world_size` ranks. Each event is counted as the run
+    counts it (`run_events`): {"seconds", "parts", "events"}."""
+    events = run_events(cfg)
+    hellaswag_s = measured.get("hellaswag_s_per_example") or 0.0
+    each_evaluation = (
+        measured.get("val_s") or 0.0
+    ) + hellaswag_s * hellaswag_examples / world_size
+    parts = {
+        "steps": cfg.max_steps * measured["step_s"],
+        "evaluations": events["evaluations"] * each_evaluation,
+        "samples": events["samples"] * measured["sample_s"],
+        "checkpoints": events["checkpoints"] * measured["save_s"],
+        "start-up": measured["first_step_s"],
+    }
+    return {"seconds": sum(parts.values()), "parts": parts, "events": events}
+
+
 def estimate(
     cfg: TrainConfig, env: dist.DistEnv, out: Path, found: dict
 ) -> tuple[str, dict]:
-    "The whole run's wall time and disk, from what the checks measured."
-    n_evals = (cfg.max_steps // cfg.eval_every + 1) if cfg.eval_every else 1
-    eval_s = (
-        found.get("val_s", 0.0)
-        + found.get("hellaswag_s_per_example", 0.0)
-        * len(found["hellaswag"] or [])
-        / env.world_size
-    )
-    n_samples = ((cfg.max_steps - 1) // cfg.sample_every + 1) if cfg.sample_every else 1
-    n_checkpoints = (
-        (cfg.max_steps // cfg.checkpoint_every + 1) if cfg.checkpoint_every else 1
-    )
-    parts = {
-        "steps": cfg.max_steps * found["step_s"],
-        "evaluations": n_evals * eval_s,
-        "samples": n_samples * found["sample_s"],
-        "checkpoints": n_checkpoints * found["save_s"],
-        "start-up": found["first_step_s"],
-    }
-    total = sum(parts.values())
+    "The whole run's wall time (`run_time`) and disk, from what the checks measured."
+    timed = run_time(cfg, env.world_size, found, len(found["hellaswag"] or []))
+    total, parts = timed["seconds"], timed["parts"]
     disk = cfg.keep_checkpoints * found["checkpoint_bytes"]
     free = shutil.disk_usage(out).free
     result = {
         "seconds": total,
         "parts": parts,
+        "events": timed["events"],  # how many of each the run makes
         "tokens_per_s": found["tokens_per_s"],
         "disk_bytes": disk,
         "free_bytes": free,
@@ -489,7 +531,91 @@ def estimate(
         text += ": NOT ENOUGH for the checkpoints"
     return text, result
 
+# %% ../nbs/09_train.ipynb #p010a
+import re
+
+
+def restate_hellaswag(report: dict, hellaswag: dict | None) -> dict | None:
+    """A preflight report written before the preflight timed HellaSwag on its second
+    call (its `measured` has no "hellaswag_warm") timed the first, which pays for
+    compiling: its estimate is too long. Restated with the per-example time of
+    `hellaswag` (a committed `hellaswag-GPU.json` of the same device; its pass that
+    batches as the run does): {"cold_s", "warm_s", "examples", "evaluations",
+    "seconds", "model"}, `seconds` the whole run with the warm figure and the
+    report's own count of evaluations. None: the report timed it warm, or there is no
+    warm figure for its device."""
+    measured = report.get("measured") or {}
+    cold = measured.get("hellaswag_s_per_example")
+    if measured.get("hellaswag_warm") or not cold or not hellaswag:
+        return None
+    if hellaswag.get("device") != report.get("device"):
+        return None
+    run_tokens = report["config"]["batch_size"] * report["config"]["block_size"]
+    warm_run = min(
+        hellaswag["runs"],
+        key=lambda r: (r["max_tokens"] != run_tokens, -r["max_tokens"]),
+    )
+    warm = warm_run["seconds"] / warm_run["examples"]
+    found = [
+        re.match(r"([\d,]+) examples", check["detail"])
+        for check in report["checks"]
+        if check["name"] == "hellaswag"
+    ]
+    if not found or found[0] is None:
+        return None
+    examples = int(found[0].group(1).replace(",", "")) / report.get("world_size", 1)
+    # the report's evaluations: each a validation pass and HellaSwag at the cold time
+    each = measured.get("val_s", 0.0) + examples * cold
+    evaluations = round(report["estimate"]["parts"]["evaluations"] / each)
+    saved = evaluations * examples * (cold - warm)
+    return {
+        "cold_s": cold,
+        "warm_s": warm,
+        "examples": round(examples * report.get("world_size", 1)),
+        "evaluations": evaluations,
+        "seconds": report["estimate"]["seconds"] - saved,
+        "model": hellaswag.get("model"),
+    }
+
 # %% ../nbs/09_train.ipynb #p012
+def refuse_if_in_use(out) -> None:
+    """Refuse (`DirectoryLocked`) an `out` that another process holds, before anything
+    is written there; one that cannot be locked at all is the checkpoint check's to
+    report."""
+    if Path(out).is_dir():
+        try:
+            with lock_directory(out, "preflight"):
+                pass
+        except OSError:
+            pass
+
+
+def write_report(report: dict, out: Path, path=None, echo=print) -> None:
+    """`report` as JSON at `path` (default: `out/preflight.json`, `out` made if need
+    be), and where in `report["path"]`; never into an `out` that another process holds
+    or that holds an earlier run (said with `echo`)."""
+    path = Path(path) if path else out / "preflight.json"
+    text = json.dumps(report, indent=2) + "\n"
+    try:
+        if path.resolve().parent == out.resolve():
+            with lock_directory(out, "preflight"):  # makes it if need be
+                refuse_to_overwrite(out, resume=False)
+                atomic_write(path, text)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, text)
+        report["path"] = str(path)
+    except DirectoryLocked as err:
+        echo(f"the report was not written: {one_line(err)}")
+    except OSError as err:
+        echo(f"the report was not written: cannot write {path} ({err.strerror or err})")
+    except USER_ERRORS:  # the trainer's refusal
+        echo(
+            f"the report was not written: {out} holds an earlier run; give --json PATH "
+            "to keep the report elsewhere"
+        )
+
+
 def preflight(
     cfg: TrainConfig,
     out,
@@ -524,6 +650,15 @@ def preflight(
                 checks.append(Check(name, "failed", failed.detail, failed.fix))
             except USER_ERRORS as err:
                 checks.append(Check(name, "failed", one_line(err)))
+            except Exception as err:  # a bug: show where, and try the other checks
+                if not is_out_of_memory(err):
+                    traceback.print_exc()
+                why = "out of memory" if is_out_of_memory(err) else "a bug in gpt2lib"
+                checks.append(
+                    Check(
+                        name, "failed", f"{why}: {type(err).__name__}: {one_line(err)}"
+                    )
+                )
         if env.is_main:
             echo(checks[-1].line())
 
@@ -579,21 +714,14 @@ def preflight(
                 "checkpoint_bytes",
                 "val_s",
                 "hellaswag_s_per_example",
+                "hellaswag_warm",
                 "sample_s",
             )
         },
         **provenance(env.device),
     }
     if env.is_main:
-        path = Path(report_path) if report_path else out / "preflight.json"
-        try:
-            atomic_write(path, json.dumps(report, indent=2) + "\n")
-            report["path"] = str(path)
-        except OSError as err:
-            echo(
-                f"the report was not written: cannot write {path} "
-                f"({err.strerror or err})"
-            )
+        write_report(report, out, report_path, echo)
     return report
 
 # %% ../nbs/09_train.ipynb #p014
@@ -631,6 +759,8 @@ def main(argv=None) -> int:
     args, env = parse_args(argv), None
     try:
         cfg, out, env = setup_run(args)
+        # a directory that another run holds: nothing is tried or written there
+        dist.on_main(lambda: refuse_if_in_use(out))
         report = preflight(
             cfg,
             out,
@@ -640,7 +770,7 @@ def main(argv=None) -> int:
             hellaswag_examples=args.hellaswag_examples,
             report_path=args.json,
         )
-    except USER_ERRORS as err:
+    except Exception as err:
         raise rank_error(err, env) from None
     dist.teardown()
     if env.is_main:

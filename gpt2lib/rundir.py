@@ -5,19 +5,54 @@ and the one writer and reader of its `log.jsonl` and `samples.jsonl`."""
 
 # %% auto #0
 __all__ = [
-    'LOG', 'SAMPLES', 'SUMMARY', 'read_log', 'RunDir'
+    'LOG', 'SAMPLES', 'SUMMARY', 'NON_FINITE', 'log_line', 'from_log_line',
+    'failed_name', 'read_log', 'RunDir'
 ]
 
 # %% ../nbs/09_train.ipynb #c014
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
-from .runtime import atomic_write, lock_directory, provenance
+from .runtime import atomic_write, lock_directory, provenance, UserError
 
 LOG, SAMPLES, SUMMARY = "log.jsonl", "samples.jsonl", "summary.json"
+# JSON has no NaN or infinity: a diverged step's numbers are written as these strings
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def log_line(entry: dict) -> str:
+    """One line of a log: strict JSON, a non-finite number as the string "nan", "inf"
+    or "-inf" (`read_log` reads it back as the float)."""
+    return (
+        json.dumps(
+            {
+                key: str(value)
+                if isinstance(value, float) and not math.isfinite(value)
+                else value
+                for key, value in entry.items()
+            },
+            allow_nan=False,
+        )
+        + "\n"
+    )
+
+
+def from_log_line(entry: dict) -> dict:
+    "An entry as `log_line` had it: its non-finite numbers floats again."
+    return {
+        key: NON_FINITE.get(value, value) if isinstance(value, str) else value
+        for key, value in entry.items()
+    }
+
+
+def failed_name(name: str, n: int) -> str:
+    "log.jsonl's name once set aside: log.failed-1.jsonl."
+    stem, _, suffix = name.partition(".")
+    return f"{stem}.failed-{n}.{suffix}"
 
 
 def read_log(path) -> list[dict]:
@@ -34,7 +69,7 @@ def read_log(path) -> list[dict]:
         try:
             entry = json.loads(line)
             if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
-                raise ValueError("not a log entry")
+                raise UserError("not a log entry")
         except ValueError:  # also bad UTF-8
             # the last line, never finished
             if number == len(lines) and not data.endswith(b"\n"):
@@ -44,11 +79,11 @@ def read_log(path) -> list[dict]:
                     file=sys.stderr,
                 )
                 break
-            raise ValueError(
+            raise UserError(
                 f"{path}, line {number}: not a log entry; the file is damaged (repair "
                 "or delete that line)"
             ) from None
-        entries.append(entry)
+        entries.append(from_log_line(entry))
     return entries
 
 
@@ -61,12 +96,46 @@ class RunDir:
         self.path, self.main = Path(path), main
         self.log_path, self.samples_path = self.path / LOG, self.path / SAMPLES
         self._held = contextlib.ExitStack()
+        # a fresh run's test of whether it has a checkpoint yet (None: not fresh)
+        self.resumable = None
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self._held.close()  # releases the lock
+    def __exit__(self, failed, *exc):
+        try:
+            # a fresh run that failed before its first checkpoint: nothing to resume
+            if failed is not None and self.resumable and not self.resumable():
+                self.set_aside()
+        finally:
+            self._held.close()  # releases the lock
+
+    def set_aside(self) -> None:
+        """Rename the log and samples to log.failed-N.jsonl and samples.failed-N.jsonl
+        (N: the first number free), saying so: the record of a run that left nothing to
+        resume, which must not stop the corrected command from starting here."""
+        present = [name for name in (LOG, SAMPLES) if (self.path / name).is_file()]
+        n = 1
+        while any(
+            (self.path / failed_name(name, n)).exists() for name in (LOG, SAMPLES)
+        ):
+            n += 1
+        try:
+            for name in present:
+                (self.path / name).rename(self.path / failed_name(name, n))
+        except OSError as err:
+            print(
+                f"warning: cannot set {self.path / name} aside ({err})", file=sys.stderr
+            )
+            return
+        if present:
+            print(
+                "warning: the run stopped before its first checkpoint, so it has "
+                "nothing to resume; its "
+                + " and ".join(f"{a} is kept as {failed_name(a, n)}" for a in present)
+                + f", and {self.path} is free for a fresh run",
+                file=sys.stderr,
+            )
 
     def claim(self) -> None:
         "Take the directory's lock; refused, naming the holder, if another run has it."
@@ -88,7 +157,7 @@ class RunDir:
                 stale.unlink()
         for name in (LOG, SAMPLES, SUMMARY):
             if (self.path / name).exists() and not (self.path / name).is_file():
-                raise ValueError(
+                raise UserError(
                     f"{self.path / name} is not a file; the run's {name} must be one"
                 )
 
@@ -99,7 +168,7 @@ class RunDir:
             name for name in (LOG, SAMPLES, SUMMARY) if (self.path / name).exists()
         ]
         if self.main and earlier:
-            raise ValueError(
+            raise UserError(
                 f"{self.path} already holds a run ({', '.join(earlier)}): {what_to_do}"
             )
 
@@ -115,7 +184,7 @@ class RunDir:
         for path in (self.log_path, self.samples_path):
             if path.exists():
                 kept = [entry for entry in read_log(path) if entry["step"] < step]
-                atomic_write(path, "".join(json.dumps(entry) + "\n" for entry in kept))
+                atomic_write(path, "".join(log_line(entry) for entry in kept))
         logged = (
             {entry["step"] for entry in read_log(self.log_path) if "loss" in entry}
             if self.log_path.exists()
@@ -144,7 +213,7 @@ class RunDir:
             return
         try:
             with open(path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write(log_line(entry))
         except OSError as err:
             raise OSError(
                 f"cannot append to {path} ({err.strerror or err}): the run stopped at "

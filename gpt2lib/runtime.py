@@ -6,11 +6,12 @@ result, and one-line errors for the commands."""
 
 # %% auto #0
 __all__ = [
-    'PRECISIONS', 'AUTOCAST_DTYPES', 'LOCK_NAME', 'USER_ERRORS', 'EXIT_INTERRUPTED',
-    'default_device', 'resolve_device', 'bf16_native', 'choose_precision',
-    'describe_precision', 'autocast_for', 'grad_scaler', 'set_tf32', 'atomic_write',
-    'DirectoryLocked', 'lock_directory', 'device_name', 'git_state', 'provenance',
-    'one_line', 'command_name', 'run_command'
+    'PRECISIONS', 'AUTOCAST_DTYPES', 'LOCK_NAME', 'CPU_FLAGS', 'USER_ERRORS',
+    'EXIT_INTERRUPTED', 'UserError', 'default_device', 'resolve_device', 'bf16_native',
+    'choose_precision', 'describe_precision', 'autocast_for', 'grad_scaler', 'set_tf32',
+    'atomic_write', 'DirectoryLocked', 'lock_directory', 'cpu_info', 'device_name',
+    'git_state', 'provenance', 'is_out_of_memory', 'one_line', 'command_name',
+    'run_command'
 ]
 
 # %% ../nbs/00_runtime.ipynb #c003
@@ -25,10 +26,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+
+class UserError(ValueError):
+    """A problem the user can fix: a bad value, a missing or damaged file, a device that
+    is not there. Commands show it as one line that names the problem and the fix;
+    anything else is a bug and shows its traceback (see "Errors a user can fix")."""
 
 
 def default_device() -> str:
@@ -48,7 +56,7 @@ def resolve_device(name: str | None = None) -> str:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ValueError(
+        raise UserError(
             f"--device {name!r} is not a device: use cpu, cuda, cuda:N or mps"
         ) from None
     if device.type == "cuda":
@@ -58,23 +66,23 @@ def resolve_device(name: str | None = None) -> str:
                 if torch.version.cuda
                 else "a CPU-only build"
             )
-            raise ValueError(
+            raise UserError(
                 f"--device {name}: no CUDA GPU is visible (torch {torch.__version__}, "
                 f"{build}); "
                 "use --device cpu, or check nvidia-smi and CUDA_VISIBLE_DEVICES"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
+            raise UserError(
                 f"--device {name}: this machine has {torch.cuda.device_count()} "
                 f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
             )
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ValueError(
+            raise UserError(
                 f"--device {name}: Apple's mps is not available here; use --device cpu"
             )
     elif device.type != "cpu":
-        raise ValueError(
+        raise UserError(
             f"--device {name}: gpt2lib runs on cpu, cuda or mps, not {device.type}"
         )
     return name
@@ -101,7 +109,7 @@ def choose_precision(device, precision: str = "auto") -> str:
     CUDA GPU, fp32 on a CPU or mps. An explicit choice `device` cannot run is a
     ValueError."""
     if precision not in PRECISIONS:
-        raise ValueError(
+        raise UserError(
             f"precision {precision!r} is not one of {', '.join(PRECISIONS)}"
         )
     kind = torch.device(device).type
@@ -110,13 +118,13 @@ def choose_precision(device, precision: str = "auto") -> str:
             return "fp32"
         return "bf16" if bf16_native(device) else "fp16"
     if kind == "mps" and precision != "fp32":
-        raise ValueError(
+        raise UserError(
             f"--precision {precision} on mps: gpt2lib trains in fp32 on Apple's mps; "
             "use --precision fp32 (or auto)"
         )
     if kind == "cuda" and precision == "bf16" and not bf16_native(device):
         major, minor = torch.cuda.get_device_capability(device)
-        raise ValueError(
+        raise UserError(
             f"--precision bf16: the {torch.cuda.get_device_name(device)} (compute "
             f"capability {major}.{minor}) has no native bf16, only a slow emulation; "
             "use --precision fp16 (or auto, which picks it)"
@@ -192,7 +200,7 @@ def atomic_write(path, data) -> Path:
 LOCK_NAME = ".lock"
 
 
-class DirectoryLocked(RuntimeError):
+class DirectoryLocked(UserError):
     "Another process holds the lock on a directory."
 
 
@@ -233,16 +241,68 @@ def lock_directory(path, what: str = "run"):
         os.close(fd)  # closing the descriptor releases the lock
 
 # %% ../nbs/00_runtime.ipynb #c015
+# The instruction sets that choose PyTorch's vectorised CPU kernels, and so the last
+# bits of a CPU result (x86: /proc/cpuinfo's "flags"; Arm: its "Features").
+CPU_FLAGS = (
+    "fma",
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "asimd",
+    "sve",
+    "bf16",
+)
+
+
+def cpu_info(cpuinfo="/proc/cpuinfo") -> dict:
+    """The host CPU: its model ("model name" in Linux's `cpuinfo`, the brand string on
+    macOS, else what `platform` knows), the `CPU_FLAGS` it has, the vector code PyTorch
+    chose (e.g. AVX512) and PyTorch's thread count."""
+    model, flags = None, set()
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and model is None:
+                model = value
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:  # not Linux
+        pass
+    if model is None and sys.platform == "darwin":
+        try:
+            model = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):  # an older torch
+        capability = None
+    return {
+        "cpu": model or platform.processor() or platform.machine() or "unknown",
+        "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
+        "cpu_capability": capability,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def device_name(device) -> str:
-    """A readable name of `device`: the GPU's model, or the CPU's architecture and
-    thread count."""
+    """A readable name of `device`: the GPU's model, or the CPU's model, architecture
+    and PyTorch's thread count."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return f"Apple mps ({platform.machine()})"
-    cpu = platform.processor() or platform.machine()
-    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+    cpu = cpu_info()
+    return f"CPU ({cpu['cpu']}, {platform.machine()}, {cpu['threads']} threads)"
 
 
 def git_state() -> dict:
@@ -279,9 +339,12 @@ def git_state() -> dict:
 
 
 def provenance(device) -> dict:
-    "Where and when a result was measured (stored next to every committed result)."
+    """Where and when a result was measured (stored next to every committed result):
+    the device, the host CPU (`cpu_info`: a CPU result repeats bit for bit only on the
+    same CPU model with the same torch), the versions, the commit and the date."""
     return {
         "device": device_name(device),
+        **cpu_info(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         **git_state(),
@@ -291,14 +354,21 @@ def provenance(device) -> dict:
     }
 
 # %% ../nbs/00_runtime.ipynb #c018
-# bad input, missing files, a full disk, no network
-USER_ERRORS = (
-    ValueError,
-    OSError,
-    RuntimeError,
-)
+# what a command shows as one line: bad input (UserError), and what the machine refuses
+# (a missing file, a full disk, no network: OSError). Anything else is a bug.
+USER_ERRORS = (UserError, OSError)
 # 128 + SIGINT: what shells report for a program stopped by Ctrl-C
 EXIT_INTERRUPTED = 130
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    "Whether `err` says the device (or, for a CPU, the host) ran out of memory."
+    text = str(err).lower()
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(
+        # CUDA's words, and the CPU allocator's ("DefaultCPUAllocator: can't allocate")
+        words in text
+        for words in ("out of memory", "can't allocate memory")
+    )
 
 
 def one_line(err: BaseException) -> str:
@@ -316,7 +386,9 @@ def command_name(module: str) -> str:
 
 def run_command(main):
     """Make `main(argv)` a command: a user error exits with status 1 and one line on
-    stderr, Ctrl-C with 130, and an int that `main` returns is the exit status."""
+    stderr, so does running out of memory, Ctrl-C exits with 130, anything else shows
+    its traceback and a line saying it is a bug; an int that `main` returns is the exit
+    status."""
 
     @functools.wraps(main)
     def command(argv=None):
@@ -333,22 +405,27 @@ def run_command(main):
             sys.stderr.reconfigure(line_buffering=True, write_through=False)
         except (AttributeError, ValueError):  # a notebook's stream, a closed one
             pass
+        show = bool(os.environ.get("GPT2LIB_TRACEBACK"))
         try:
             status = main(argv)
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
-        except MemoryError:
-            if os.environ.get("GPT2LIB_TRACEBACK"):
-                raise
-            sys.exit(
-                "error: out of memory: ask for less (fewer samples, a smaller batch or "
-                "model)"
-            )
         except USER_ERRORS as err:
-            if os.environ.get("GPT2LIB_TRACEBACK"):
+            if show:
                 raise
             sys.exit(f"error: {one_line(err)}")
+        except Exception as err:
+            if is_out_of_memory(err) and not show:
+                sys.exit(
+                    "error: out of memory: ask for less (fewer samples, a smaller "
+                    "batch or model)"
+                )
+            traceback.print_exc()
+            sys.exit(
+                f"error: {type(err).__name__}: {one_line(err)}: a bug in gpt2lib, not "
+                "a problem with your input; please report it with the traceback above"
+            )
         if status:
             sys.exit(status)
 

@@ -15,7 +15,8 @@ import math
 import torch
 
 from .checkpoint import MODEL_SPEC_HELP, load_model
-from .runtime import command_name, resolve_device, run_command
+from .model import MIN_TEMPERATURE
+from .runtime import command_name, resolve_device, run_command, UserError
 from .tokenizer import encode_prompt, get_encoding
 
 
@@ -59,19 +60,22 @@ def parse_args(argv=None):
         help="cpu, cuda, cuda:N or mps (default: the best one here)",
     )
     args = ap.parse_args(argv)
+    # a value that parses but is out of range is a bad value like any other: one line
+    # and status 1 (argparse's usage and status 2 are for what does not parse)
     for name, ok, allowed in [
         ("num-samples", 1 <= args.num_samples <= 10_000, "1 to 10,000"),
         ("max-new-tokens", 0 <= args.max_new_tokens <= 100_000, "0 to 100,000"),
         (
             "temperature",
-            math.isfinite(args.temperature) and args.temperature > 0,
-            "above 0",
+            MIN_TEMPERATURE <= args.temperature < math.inf,  # NaN is not
+            f"a finite number of at least {MIN_TEMPERATURE:g} (lower is greedy "
+            "already: --top-k 1)",
         ),
         ("top-k", args.top_k >= 1, "at least 1"),
         ("seed", args.seed is None or 0 <= args.seed < 2**63, "0 to 2**63 - 1"),
     ]:
         if not ok:
-            ap.error(
+            raise UserError(
                 f"--{name} must be {allowed}, got "
                 f"{getattr(args, name.replace('-', '_'))}"
             )

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import tiktoken
 
+from .runtime import UserError
+
 RANKS_PATH = files("gpt2lib") / "assets" / "gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
@@ -27,7 +29,7 @@ def load_ranks(path=RANKS_PATH, sha256: str | None = RANKS_SHA256) -> dict[bytes
     "Read a tiktoken rank file (`base64-token rank` per line), checking its SHA-256."
     data = Path(path).read_bytes()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(
+        raise UserError(
             f"{path}: SHA-256 {hashlib.sha256(data).hexdigest()} is not the "
             f"expected {sha256}"
         )
@@ -66,12 +68,12 @@ def encode_prompt(
     to fit a model with `vocab_size` tokens that reads at most `max_len`."""
     tokens = get_encoding().encode(text, allowed_special="all") or [EOT_TOKEN]
     if max_len is not None and len(tokens) > max_len:
-        raise ValueError(
+        raise UserError(
             f"the prompt is {len(tokens)} tokens long; the model reads at most "
             f"block_size={max_len}"
         )
     if max(tokens) >= vocab_size:
-        raise ValueError(
+        raise UserError(
             f"the prompt has token id {max(tokens)}, but the model's vocab_size is "
             f"{vocab_size}: it was not trained with GPT-2's tokenizer"
         )

@@ -7,11 +7,12 @@ the loop."""
 # %% auto #0
 __all__ = [
     'MEMORY_HEADROOM', 'CPU_AUTO_LIMIT', 'GPT2_124M_COMMANDS', 'load_data',
-    'make_loaders', 'load_hellaswag', 'Evaluator', 'GracefulInterrupt', 'Diverged',
-    'take_step', 'run_steps', 'gpu_defaults', 'wrap_model', 'check_memory',
-    'build_model', 'is_out_of_memory', 'release', 'micro_batch_candidates',
-    'micro_batch_fits', 'largest_micro_batch', 'fit_batch_size', 'train', 'positive',
-    'run_arguments', 'parse_args', 'setup_run', 'rank_error', 'main'
+    'make_loaders', 'load_hellaswag', 'evaluates_at', 'samples_at', 'saves_after',
+    'run_events', 'Evaluator', 'GracefulInterrupt', 'Diverged', 'take_step',
+    'run_steps', 'gpu_defaults', 'wrap_model', 'check_memory', 'build_model', 'release',
+    'micro_batch_candidates', 'micro_batch_fits', 'largest_micro_batch',
+    'fit_batch_size', 'refuse_to_overwrite', 'train', 'positive', 'run_arguments',
+    'parse_args', 'setup_run', 'rank_error', 'main'
 ]
 
 # %% ../nbs/09_train.ipynb #c012
@@ -62,7 +63,9 @@ from gpt2lib.optim import (
 from .rundir import RunDir
 from gpt2lib.runtime import (
     USER_ERRORS,
+    UserError,
     autocast_for,
+    is_out_of_memory,
     choose_precision,
     command_name,
     describe_precision,
@@ -126,7 +129,7 @@ def make_loaders(cfg: TrainConfig, env: dist.DistEnv):
     )
     available = val_loader.batches_per_epoch() * env.world_size
     if cfg.eval_batches > available:
-        raise ValueError(
+        raise UserError(
             f"eval_batches = {cfg.eval_batches} is more than the validation data "
             f"holds: {available} batches of {cfg.batch_size} × {cfg.block_size} "
             "tokens; lower --eval-batches"
@@ -150,6 +153,41 @@ def load_hellaswag(cfg: TrainConfig) -> list[dict] | None:
     return examples
 
 # %% ../nbs/09_train.ipynb #c026
+def evaluates_at(cfg: TrainConfig, step: int) -> bool:
+    """Whether a run evaluates at `step`: before that optimizer step, every
+    `eval_every` steps from step 0 (the untrained model), and after the last one
+    (`step == max_steps`). The loop and `train` ask it, and so does `run_events`."""
+    return step == cfg.max_steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+
+
+def samples_at(cfg: TrainConfig, step: int) -> bool:
+    "Whether a run samples at `step`: every `sample_every` steps after 0, and the end."
+    return step == cfg.max_steps or bool(
+        cfg.sample_every and step > 0 and step % cfg.sample_every == 0
+    )
+
+
+def saves_after(cfg: TrainConfig, done: int) -> bool:
+    """Whether a run saves a checkpoint after `done` steps: every `checkpoint_every`,
+    and after the last."""
+    return done == cfg.max_steps or bool(
+        cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+    )
+
+
+def run_events(cfg: TrainConfig) -> dict[str, int]:
+    """How many evaluations, sample sets and checkpoints a whole run makes: the steps
+    0..max_steps at which it asks `evaluates_at` and `samples_at`, and the steps done
+    1..max_steps at which it asks `saves_after` (the preflight's estimate counts them
+    so)."""
+    steps = range(cfg.max_steps + 1)
+    return {
+        "evaluations": sum(evaluates_at(cfg, step) for step in steps),
+        "samples": sum(samples_at(cfg, step) for step in steps),
+        "checkpoints": sum(saves_after(cfg, done) for done in steps[1:]),
+    }
+
+
 class Evaluator:
     """Validation loss, HellaSwag and samples for a run, each when it is due, logged to
     the run directory."""
@@ -173,16 +211,11 @@ class Evaluator:
         self.autocast = autocast_for(env.device, cfg.precision)
 
     def eval_due(self, step: int) -> bool:
-        return bool(
-            (self.val_loader or self.hellaswag)
-            and self.cfg.eval_every
-            and step % self.cfg.eval_every == 0
-        )
+        "`evaluates_at`, for a run that has something to evaluate."
+        return bool(self.val_loader or self.hellaswag) and evaluates_at(self.cfg, step)
 
     def sample_due(self, step: int) -> bool:
-        return bool(
-            self.cfg.sample_every and step > 0 and step % self.cfg.sample_every == 0
-        )
+        return samples_at(self.cfg, step)
 
     def evaluate(self, step: int) -> dict:
         """Validation loss and HellaSwag (whichever the run has), logged; every rank
@@ -269,7 +302,7 @@ class GracefulInterrupt:
             self._signals.signal(getattr(self._signals, name), previous)
 
 
-class Diverged(RuntimeError):
+class Diverged(UserError):
     "The loss or the gradient norm stopped being a finite number."
 
 # %% ../nbs/09_train.ipynb #c029
@@ -402,7 +435,7 @@ def run_steps(
             # every rank stops after the same step
             interrupted = dist.any_rank(interrupt.requested, env.device)
             stopping = interrupted or bool(stop_after and done - start >= stop_after)
-            if done == cfg.max_steps or stopping or checkpointer.due(done):
+            if stopping or saves_after(cfg, done):
                 checkpointer.save(done)
             if stopping:
                 return done, (
@@ -456,7 +489,7 @@ def check_memory(cfg: TrainConfig, device: str) -> None:
             "this machine's memory",
         )
     if need > have:
-        raise ValueError(
+        raise UserError(
             f"a GPT with n_layer={cfg.n_layer}, n_embd={cfg.n_embd} and "
             f"{cfg.model_config().padded_vocab_size:,} embedding rows has {n_params:,} "
             f"parameters: {need / 2**30:,.1f} GiB for the weights, gradients and AdamW "
@@ -479,13 +512,6 @@ def build_model(cfg: TrainConfig, device: str):
             model, cfg.max_lr, cfg.weight_decay, device_type=torch.device(device).type
         )
     return model, optimizer
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    return (
-        isinstance(err, (torch.OutOfMemoryError, MemoryError))
-        or "out of memory" in str(err).lower()
-    )
 
 
 def release(env: dist.DistEnv) -> None:
@@ -571,7 +597,7 @@ def fit_batch_size(cfg: TrainConfig, env: dist.DistEnv, echo=print) -> TrainConf
     found = largest_micro_batch(cfg, env)
     where = device_name(env.device)
     if found is None:
-        raise ValueError(
+        raise UserError(
             f"--batch-size auto: not even one sequence of {cfg.block_size} tokens "
             f"fits a training step on {env.device} ({where}); use a smaller model or "
             "--block-size, or a device with more memory"
@@ -589,6 +615,25 @@ def fit_batch_size(cfg: TrainConfig, env: dist.DistEnv, echo=print) -> TrainConf
             f"total_batch_size {cfg.total_batch_size:,}"
         )
     return dataclasses.replace(cfg, batch_size=found)
+
+
+def refuse_to_overwrite(out, resume: bool) -> None:
+    """Refuse a run directory `out` whose earlier run this one would overwrite: its
+    files without `resume`, or files with no checkpoint to resume from (on rank 0; what
+    gpt2-preflight asks of --out too)."""
+    run = RunDir(out)
+    if list_checkpoints(run.path):
+        if not resume:
+            run.refuse_earlier_run(
+                "pass --resume to continue it, or choose another --out"
+            )
+            refuse_earlier_checkpoints(run.path)
+    else:
+        # nothing to resume from: starting here would erase an earlier run's log
+        run.refuse_earlier_run(
+            "it has no checkpoint to resume from; choose another --out (or delete "
+            "those files to start over here)"
+        )
 
 
 def train(
@@ -622,18 +667,11 @@ def train(
         def claim():
             run.claim()
             remove_stale_temporary_files(run.path)
-            if list_checkpoints(run.path):
-                if not resume:
-                    run.refuse_earlier_run(
-                        "pass --resume to continue it, or choose another --out"
-                    )
-                    refuse_earlier_checkpoints(run.path)
-            else:
-                # nothing to resume from: starting here would erase an earlier run's log
-                run.refuse_earlier_run(
-                    "it has no checkpoint to resume from; choose another --out (or "
-                    "delete those files to start over here)"
-                )
+            refuse_to_overwrite(run.path, resume)
+            if not list_checkpoints(run.path):
+                # a fresh run: if it fails before its first checkpoint, its log is set
+                # aside (the directory is not left holding a run that cannot resume)
+                run.resumable = lambda: bool(list_checkpoints(run.path))
 
         dist.on_main(claim)
         model, optimizer = build_model(cfg, env.device)
@@ -679,9 +717,12 @@ def train(
         }
         if stopped_by is not None:
             final["signal"] = int(stopped_by)
+        # the end is due for both, as `run_events` counts it
         if final["finished"]:
-            final.update(evaluator.evaluate(cfg.max_steps))
-            final["samples"] = evaluator.sample(cfg.max_steps)
+            if evaluator.eval_due(cfg.max_steps):
+                final.update(evaluator.evaluate(cfg.max_steps))
+            if evaluator.sample_due(cfg.max_steps):
+                final["samples"] = evaluator.sample(cfg.max_steps)
             run.write_summary(
                 final,
                 cfg,
@@ -784,7 +825,7 @@ def setup_run(args) -> tuple[TrainConfig, str, dist.DistEnv]:
         f"runs/{args.preset}" if args.out is None else args.out,
     )
     if not out.strip():
-        raise ValueError("--out is empty: give the run's directory")
+        raise UserError("--out is empty: give the run's directory")
     cfg.validate(dist.world_size_from_env())
     return cfg, out, dist.setup(resolve_device(args.device), args.dist_timeout)
 
@@ -794,11 +835,12 @@ def rank_error(err: BaseException, env: dist.DistEnv | None) -> BaseException:
     own error after rank 0 has reported what every rank meets (torchrun ends this rank
     first if it was that)."""
     if env is not None and env.distributed and dist.is_collective_failure(err):
-        return RuntimeError(dist.describe_collective_failure(err, env))
+        return UserError(dist.describe_collective_failure(err, env))
     rank = dist.rank_from_env()
     if rank != 0:
         dist.defer_to_rank_0(rank)
-        return RuntimeError(f"rank {rank}: {one_line(err)}")
+        if isinstance(err, USER_ERRORS):  # a bug keeps its type and traceback
+            return UserError(f"rank {rank}: {one_line(err)}")
     return err
 
 
@@ -816,7 +858,7 @@ def main(argv=None) -> int:
             progress=not args.no_progress,
             env=env,
         )
-    except USER_ERRORS as err:
+    except Exception as err:
         raise rank_error(err, env) from None
     dist.teardown()
     if not env.is_main:

@@ -408,23 +408,25 @@ def test_cli_writes_json(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, status, message",
     [
         (
             ["--seq-len", "2048", "--model", "gpt2"],
+            1,
             "longer than the model's block_size",
         ),
-        (["--steps", "0"], "--steps must be at least 1"),
-        (["--device", "cuda"], "no CUDA GPU is visible"),
-        (["--model", "huge"], "invalid choice"),
+        (["--steps", "0"], 1, "--steps must be at least 1"),
+        (["--device", "cuda"], 1, "no CUDA GPU is visible"),
+        (["--model", "huge"], 2, "invalid choice"),  # does not parse: usage
     ],
 )
-def test_cli_bad_input(args, message):
+def test_cli_bad_input(args, status, message):
+    "A value out of range is one line and status 1; one that does not parse, usage, 2."
     result = subprocess.run(
         [sys.executable, "-m", "gpt2lib.bench", *args], capture_output=True, text=True
     )
     assert (
-        result.returncode == 2
+        result.returncode == status
         and message in result.stderr
         and "Traceback" not in result.stderr
     )

@@ -20,6 +20,7 @@ from gpt2lib import dist
 from gpt2lib.checkpoint import list_checkpoints
 from gpt2lib.train import PRESETS, train
 from gpt2lib.rundir import read_log
+from gpt2lib.runtime import UserError
 
 # The smoke preset with 512 tokens per step: 2 micro-steps per rank on 2 ranks (so
 # no_sync is
@@ -164,7 +165,7 @@ def test_more_ranks_than_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(
-        RuntimeError,
+        UserError,
         match=r"needs GPU cuda:3, but this machine has 2 GPUs.*--nproc_per_node=2",
     ):
         dist.setup("cuda")

@@ -22,6 +22,7 @@ from gpt2lib.fineweb import (
     verify_shards,
     write_shards,
 )
+from gpt2lib.runtime import UserError
 from gpt2lib.tokenizer import EOT_TOKEN, get_encoding
 from gpt2lib.train import TrainConfig, load_data
 
@@ -224,7 +225,7 @@ def test_disk_full_mid_shard_leaves_no_complete_looking_shard_and_resumes(
 
     monkeypatch.setattr(fineweb.np, "save", save_then_fill_the_disk)
     with pytest.raises(
-        RuntimeError, match="No space left on device.*partial file was removed.*resume"
+        UserError, match="No space left on device.*partial file was removed.*resume"
     ):
         write_shards(
             local_documents(files),
@@ -383,7 +384,7 @@ def test_loader_rejects_wrong_dtype_shard(tmp_path):
 def test_hub_unreachable_fails_fast():
     # conftest sets HF_HUB_OFFLINE=1
     with pytest.raises(
-        RuntimeError, match="cannot reach the Hugging Face hub.*--local"
+        ConnectionError, match="cannot reach the Hugging Face hub.*--local"
     ):
         fineweb.hub_documents()
 
@@ -479,17 +480,16 @@ def test_cli_errors_are_one_line(tmp_path, parquet_dir, args, message, capsys):
         ("--stop-after", "0"),
     ],
 )
-def test_cli_out_of_range_options_are_usage_errors(
-    tmp_path, parquet_dir, option, value, capsys
+def test_cli_out_of_range_options_are_one_line_errors(
+    tmp_path, parquet_dir, option, value
 ):
+    "A value that parses but is out of range: `error: ...` and status 1, not usage."
     with pytest.raises(SystemExit) as exit:
         fineweb.main(
             ["--out", str(tmp_path / "out"), "--local", str(parquet_dir), option, value]
         )
-    assert (
-        exit.value.code == 2
-        and f"{option}: must be at least" in capsys.readouterr().err
-    )
+    low = 0 if option == "--limit-docs" else 1
+    assert exit.value.code == f"error: {option} must be at least {low}, got {value}"
     assert not (tmp_path / "out").exists()
 
 

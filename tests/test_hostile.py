@@ -498,14 +498,14 @@ CASES = {
     "sample, 0 samples": (
         "sample",
         ["--model", "RUN", "--num-samples", "0"],
-        2,
+        1,
         ["--num-samples must be 1 to 10,000"],
     ),
     "sample, temperature 0": (
         "sample",
         ["--model", "RUN", "--temperature", "0"],
-        2,
-        ["--temperature must be above 0"],
+        1,
+        ["--temperature must be a finite number of at least 0.0001"],
     ),
     "sample, unknown device": (
         "sample",
@@ -522,7 +522,7 @@ CASES = {
     "evaluate, 0 batches": (
         "evaluate",
         ["--model", "RUN", "--val", "SHARDS", "--val-batches", "0"],
-        2,
+        1,
         ["--val-batches must be at least 1"],
     ),
     "evaluate, too many batches": (
@@ -567,7 +567,7 @@ CASES = {
     "fineweb, 0 workers": (
         "fineweb",
         ["--out", "OUT", "--local", "DOCS", "--workers", "0"],
-        2,
+        1,
         ["--workers"],
     ),
     "fineweb, missing input": (
@@ -650,19 +650,19 @@ CASES = {
     "sample, 10^11 samples": (
         "sample",
         ["--model", "RUN", "--num-samples", "100000000000"],
-        2,
+        1,
         ["1 to 10,000"],
     ),
     "sample, endless tokens": (
         "sample",
         ["--model", "RUN", "--max-new-tokens", "10" + "0" * 30],
-        2,
+        1,
         ["0 to 100,000"],
     ),
     "sample, seed too large": (
         "sample",
         ["--model", "RUN", "--seed", "9" * 25],
-        2,
+        1,
         ["--seed must be 0 to 2**63"],
     ),
     "resume, only a torch list": (
@@ -735,13 +735,13 @@ CASES = {
     "bench, 0 steps": (
         "bench",
         ["--steps", "0", "--device", "cpu"],
-        2,
+        1,
         ["--steps must be at least 1"],
     ),
     "bench, unknown device": (
         "bench",
         ["--device", "tpu"],
-        2,
+        1,
         ["'tpu' is not a device"],
     ),
 }
@@ -880,12 +880,26 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_earlier_ones(
 ):
     real_save, saves = torch.save, []
 
+    class FullDisk:
+        "A file on a disk that fills up after a few bytes."
+
+        def __init__(self, f):
+            self.f, self.room = f, 1000
+
+        def write(self, data):
+            self.room -= len(data)
+            if self.room < 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
     def fills_the_disk(obj, f):
         saves.append(obj["step"])
-        if len(saves) == 2:
-            f.write(b"half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, f)
+        # torch's own writer meets the full disk: it raises a RuntimeError
+        # ("[enforce fail at inline_container.cc...]"), the OSError its context
+        real_save(obj, FullDisk(f) if len(saves) == 2 else f)
 
     monkeypatch.setattr(checkpoint_module.torch, "save", fills_the_disk)
     status, message = run(
@@ -1080,7 +1094,7 @@ def test_two_trainers_on_one_directory(tmp_path):
         ),
         ("gpt2-export-hf", ["/no/such/model", "OUT"], 1),
         ("gpt2-fineweb", ["--out", "OUT", "--local", "/no/such.jsonl"], 1),
-        ("gpt2-bench", ["--steps", "0"], 2),
+        ("gpt2-bench", ["--steps", "0"], 1),
     ],
 )
 def test_console_scripts_end_bad_input_in_one_line(script, args, status, tmp_path):
@@ -1387,3 +1401,265 @@ def test_a_signal_finishes_the_step_saves_and_exits_128_plus_its_number(
     steps = len([e for e in read_log(out / "log.jsonl") if "loss" in e])
     assert f"stopped after step {steps}" in stdout and "--resume" in stdout
     assert list_checkpoints(out)[-1].name == f"ckpt_{steps:07d}.pt"
+
+
+# Issue 20, "nothing silently wrong": shards, checkpoints, the log, floats, Muon's
+# settings and the preflight.
+
+import dataclasses
+import math
+
+from gpt2lib import preflight as preflight_module
+
+REMAKE = "re-make the shards with gpt2-fineweb, or remove that file"
+
+
+def run_preflight(args, capsys) -> tuple[int, str, list[str]]:
+    """(exit status, the error line it ended with if any, the lines it printed) of
+    gpt2-preflight's main, on the CPU."""
+    args = [str(a) for a in args] + ["--device", "cpu", "--no-progress"]
+    try:
+        status, message = preflight_module.main(args), ""
+    except SystemExit as exit:
+        status, message = (
+            (1, exit.code) if isinstance(exit.code, str) else (exit.code, "")
+        )
+    return status, message, capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "preflight"])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (lambda path: path.write_bytes(b""), "an empty file, not a token shard"),
+        (lambda path: np.save(path, np.zeros(0, np.uint16)), "a shard of 0 tokens"),
+    ],
+    ids=["zero bytes", "zero tokens"],
+)
+def test_an_empty_shard_is_refused_alike_by_every_command(
+    command, bad, words, world, capsys
+):
+    data = world["TMP"] / "data"
+    shutil.copytree(world["SHARDS"], data)
+    # evaluate reads the validation shards only; the others read both splits
+    shard = data / ("fineweb_val_000009.npy" if command == "evaluate" else "z_099.npy")
+    bad(shard)
+    expected = f"{shard}: {words}; {REMAKE}"
+    out = world["TMP"] / "new_out"
+    before = snapshot(world["TMP"])
+    if command == "preflight":
+        status, _, lines = run_preflight(
+            ["--preset", "smoke", "--data", data, "--out", out], capsys
+        )
+        assert status == 1 and f"failed  data: {expected}" in lines
+        # an early check failed and --out did not exist: the report is written there
+        assert lines[-1] == f"preflight FAILED: data; report in {out}/preflight.json"
+        assert not json.loads((out / "preflight.json").read_text())["passed"]
+        shutil.rmtree(out)
+    else:
+        args = {
+            "train": ["--preset", "smoke", "--data", data, "--out", out]
+            + ["--device", "cpu", "--no-progress"],
+            "evaluate": ["--model", world["RUN"], "--val", data, "--device", "cpu"],
+        }[command]
+        assert run(command, args, capsys) == (1, f"error: {expected}")
+    assert snapshot(world["TMP"]) == before
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_good_ones_kept(
+    tmp_path, capsys
+):
+    keep_two = dataclasses.replace(SMOKE, keep_checkpoints=2)
+    out = tmp_path / "run"
+    train(keep_two, out, device="cpu", stop_after=4, progress=False)  # 3 and 4
+    newest = out / "ckpt_0000004.pt"
+    damaged = newest.read_bytes()[: newest.stat().st_size // 2]  # a cut copy
+    newest.write_bytes(damaged)
+    capsys.readouterr()
+    train_module.main(
+        ["--preset", "smoke", "--keep-checkpoints", "2", "--out", str(out)]
+        + ["--resume", "--device", "cpu", "--no-progress"]
+    )
+    err = capsys.readouterr().err
+    assert (
+        f"warning: {newest} cannot be used: moved aside as ckpt_0000004.pt.damaged"
+        in err
+    )
+    # the two newest readable ones are kept; the damaged file too, as it was
+    assert [read_checkpoint(p)["step"] for p in list_checkpoints(out)] == [3, 6]
+    assert (out / "ckpt_0000004.pt.damaged").read_bytes() == damaged
+
+
+def strict(line: str) -> dict:
+    "A line of JSON as the standard has it: no NaN, no Infinity."
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_diverging_run_writes_a_log_of_strict_json(tmp_path, capsys):
+    status, message = run(
+        "train",
+        ["--preset", "smoke", "--out", tmp_path, "--max-lr", "100"]
+        + ["--warmup-steps", "10", "--max-steps", "40", "--checkpoint-every", "3"]
+        + ["--eval-every", "0", "--device", "cpu", "--no-progress"],
+        capsys,
+    )
+    assert status == 1 and "the run diverged" in message
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [strict(line) for line in lines]  # each line parses as strict JSON
+    # read back, the bad step's numbers are floats again, for the plots and the checks
+    last = read_log(tmp_path / "log.jsonl")[-1]
+    assert isinstance(last["loss"], float) and isinstance(last["norm"], float)
+    assert not (math.isfinite(last["loss"]) and math.isfinite(last["norm"]))
+
+
+ISSUE_20_CASES = {
+    "lr beyond float32": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--max-lr", "1e39"],
+        1,
+        ["max_lr = 1e+39 is not allowed", "at most 100", "--max-lr"],
+    ),
+    "weight decay beyond reason": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--weight-decay", "1e39"],
+        1,
+        ["weight_decay = 1e+39 is not allowed", "at most 10"],
+    ),
+    "softcap beyond float32": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--arch", "modern", "--softcap", "1e39"],
+        1,
+        ["softcap = 1e+39 is not allowed", "at most 1000"],
+    ),
+    "Muon's lr with AdamW": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--optimizer", "adamw"]
+        + ["--muon-lr", "0.5"],
+        1,
+        ["muon_lr = 0.5 is not allowed", "with --optimizer adamw", "--optimizer muon"],
+    ),
+    "Muon's momentum with AdamW": (
+        "train",
+        ["--preset", "smoke", "--out", "OUT", "--muon-momentum", "0.9"],
+        1,
+        ["muon_momentum = 0.9 is not allowed", "add --optimizer muon"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ISSUE_20_CASES)
+def test_floats_out_of_reason_and_ignored_muon_settings_are_refused(
+    case, world, capsys, monkeypatch
+):
+    monkeypatch.setitem(CASES, case, ISSUE_20_CASES[case])
+    test_bad_input_is_one_line_a_non_zero_exit_and_changes_nothing(case, world, capsys)
+
+
+def test_a_presets_muon_settings_do_not_stop_adamw():
+    "Only a Muon setting the user gives is refused with AdamW, not a preset's own."
+    args = train_module.parse_args(
+        ["--preset", "gpt2-124m-speedrun", "--optimizer", "adamw"]
+    )
+    cfg = train_module.config_from_args(args).validate()
+    assert (
+        cfg.optimizer == "adamw"
+        and cfg.muon_lr == PRESETS["gpt2-124m-speedrun"].muon_lr
+    )
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_out_free(
+    tmp_path, monkeypatch, capsys
+):
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug at step 0")
+
+    out = tmp_path / "run"
+    args = ["--preset", "smoke", "--out", out, "--device", "cpu", "--no-progress"]
+    monkeypatch.setattr(train_module, "train_step", bug)
+    records = []
+    for attempt in (1, 2):  # a second failure keeps the first one's record
+        status, message = run("train", args, capsys)
+        assert status == 1 and "a bug in gpt2lib" in message, message
+        records.append((out / f"log.failed-{attempt}.jsonl").read_text())
+        assert not (out / "log.jsonl").exists()
+    assert records[0] == records[1] and '"val_loss"' in records[0]  # step 0's
+    monkeypatch.undo()
+    assert run("train", args, capsys) == (0, "")  # the same command, now at work
+    assert (out / "log.failed-1.jsonl").read_text() == records[0]
+    assert json.loads((out / "summary.json").read_text())["finished"]
+
+
+def test_preflight_in_a_finished_run_fails_with_the_trainers_reason(world, capsys):
+    before = snapshot(world["TMP"])
+    _, trainer = run(
+        "train", ["--preset", "smoke", "--out", world["RUN"], "--device", "cpu"], capsys
+    )
+    status, _, lines = run_preflight(
+        ["--preset", "smoke", "--out", world["RUN"]], capsys
+    )
+    assert status == 1 and trainer.startswith("error: ")
+    assert f"failed  checkpoint: {trainer.removeprefix('error: ')}" in lines
+    assert (
+        f"the report was not written: {world['RUN']} holds an earlier run; give "
+        "--json PATH to keep the report elsewhere" in lines
+    )
+    assert lines[-1] == "preflight FAILED: checkpoint"
+    assert snapshot(world["TMP"]) == before  # nothing of the run's touched
+
+
+def test_preflight_refuses_an_out_that_a_run_holds(world, capsys):
+    before = snapshot(world["TMP"])
+    with lock_directory(world["EMPTY_DIR"], "training run"):  # as the trainer holds it
+        status, message, lines = run_preflight(
+            ["--preset", "smoke", "--out", world["EMPTY_DIR"]], capsys
+        )
+    assert status == 1 and lines == []
+    assert message.startswith(
+        f"error: {world['EMPTY_DIR']} is in use by another training run (pid "
+    )
+    assert snapshot(world["TMP"]) == before  # no report, no scratch directory
+
+
+def test_a_cpu_out_of_memory_is_named_by_the_preflight_and_the_trainer(
+    tmp_path, monkeypatch, capsys
+):
+    """What the CPU allocator raises (a RuntimeError, not torch.OutOfMemoryError) is
+    out of memory too: the preflight names the micro-batch that fits, gpt2-train ends
+    with its out-of-memory line."""
+    real_step = train_module.train_step
+
+    def small_memory(model, optimizer, batches, *args, **kwargs):
+        if batches[0][0].size(0) > 2:  # as if only 2 sequences fitted
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
+                "allocate memory: you tried to allocate 3221225472 bytes. Error code "
+                "12 (Cannot allocate memory)"
+            )
+        return real_step(model, optimizer, batches, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", small_memory)
+    status, _, lines = run_preflight(
+        ["--preset", "smoke", "--out", tmp_path / "preflight"], capsys
+    )
+    assert (
+        status == 1
+        and (
+            "failed  step: out of memory at micro-batch 4; 2 fits Fix: --batch-size 2 "
+            "(gradient accumulation of 4 micro-steps keeps total_batch_size 256)"
+        )
+        in lines
+    )
+    status, message = run(
+        "train",
+        ["--preset", "smoke", "--out", tmp_path / "run", "--device", "cpu"]
+        + ["--no-progress"],
+        capsys,
+    )
+    assert (status, message) == (
+        1,
+        "error: out of memory: ask for less (fewer samples, a smaller batch or model)",
+    )

@@ -236,3 +236,137 @@ def test_batch_size_auto_is_chosen_by_the_same_search_as_the_run(tmp_path, monke
     check = next(c for c in report["checks"] if c["name"] == "precision")
     assert check["detail"] == "fp32; micro-batch 2 (auto: the largest that fits)"
     assert report["passed"] and report["config"]["batch_size"] == 2
+
+
+def test_a_report_that_timed_hellaswag_cold_is_restated_with_the_warm_time():
+    "The committed H200 preflight timed HellaSwag's first call (compiling included)."
+    from pathlib import Path
+
+    from gpt2lib.preflight import restate_hellaswag
+
+    results = Path(__file__).resolve().parent.parent / "book" / "results"
+    report = json.loads((results / "preflight-h200-gpt2-124m.json").read_text())
+    warm = json.loads((results / "hellaswag-h200.json").read_text())
+    restated = restate_hellaswag(report, warm)
+    # by hand: the report's 19,073 // 250 + 1 evaluations of HellaSwag's 10,042
+    # examples, each at the batched pass's time instead of the first call's
+    batched = next(r for r in warm["runs"] if r["max_tokens"] == 64 * 1024)
+    cold, hot = report["measured"]["hellaswag_s_per_example"], 0.18645254799997701 / 400
+    assert batched["seconds"] / batched["examples"] == pytest.approx(hot)
+    assert (restated["evaluations"], restated["examples"]) == (77, 10042)
+    assert restated["cold_s"] == cold and restated["warm_s"] == pytest.approx(hot)
+    assert restated["seconds"] == pytest.approx(
+        report["estimate"]["seconds"] - 77 * 10042 * (cold - hot)
+    )
+    assert 5.8 * 3600 < restated["seconds"] < 5.9 * 3600  # 7 h 02 min -> 5 h 50 min
+    # a report timed warm, or no warm figure of its GPU: nothing to restate
+    timed_warm = {**report, "measured": {**report["measured"], "hellaswag_warm": True}}
+    assert restate_hellaswag(timed_warm, warm) is None
+    assert restate_hellaswag(report, {**warm, "device": "NVIDIA H100"}) is None
+    assert restate_hellaswag(report, None) is None
+
+
+def test_the_estimate_counts_what_the_training_loop_does(tmp_path):
+    """A run of 7 steps that validates every 3, samples every 2 and saves every 7: its
+    validation entries, sample sets and checkpoints are the `run_events` that the
+    estimate multiplies (the end evaluates, samples and saves once more)."""
+    from gpt2lib.checkpoint import checkpoint_step, list_checkpoints
+    from gpt2lib.rundir import read_log
+    from gpt2lib.train import run_events
+
+    cfg = dataclasses.replace(
+        SMOKE, max_steps=7, eval_every=3, sample_every=2, checkpoint_every=7
+    )
+    train(cfg, tmp_path, device="cpu", progress=False)
+    evaluated = [e["step"] for e in read_log(tmp_path / "log.jsonl") if "val_loss" in e]
+    sampled = [e["step"] for e in read_log(tmp_path / "samples.jsonl")]
+    saved = [checkpoint_step(p) for p in list_checkpoints(tmp_path)]
+    assert (evaluated, sampled, saved) == ([0, 3, 6, 7], [2, 4, 6, 7], [7])
+    assert run_events(cfg) == {"evaluations": 4, "samples": 4, "checkpoints": 1}
+
+
+def test_the_estimate_adds_up_every_term_by_hand():
+    "A made-up measurement of 8 GPUs, each part of the estimate computed by hand."
+    from gpt2lib.preflight import run_time
+
+    measured = {
+        "step_s": 0.25,
+        "first_step_s": 40.0,
+        "val_s": 20.0,
+        "hellaswag_s_per_example": 0.004,  # on one rank
+        "sample_s": 0.5,
+        "save_s": 3.0,
+    }
+    # gpt2-124m, 19,073 steps: evaluations at steps 0, 250, ..., 19,000 (77) and at
+    # the end (78); samples at 250, ..., 19,000 (76) and at the end (77); checkpoints
+    # after 5,000, 10,000, 15,000 and 19,073 (4). Each evaluation: the validation pass
+    # and 10,042 / 8 HellaSwag examples on each rank, 20 + 5.021 s.
+    full = run_time(PRESETS["gpt2-124m"], 8, measured, 10042)
+    assert full["events"] == {"evaluations": 78, "samples": 77, "checkpoints": 4}
+    by_hand = {
+        "steps": 4768.25,  # 19,073 × 0.25
+        "evaluations": 1951.638,  # 78 × 25.021
+        "samples": 38.5,  # 77 × 0.5
+        "checkpoints": 12.0,  # 4 × 3
+        "start-up": 40.0,
+    }
+    # about ten float64 operations, each off by at most 2**-53 of its result
+    assert full["parts"] == pytest.approx(by_hand, rel=1e-12)
+    assert full["seconds"] == pytest.approx(6810.388, rel=1e-12)
+    # the speedrun, 5,000 steps: evaluations at 0, 125, ..., 4,875 (40) and the end
+    # (41); samples at 1,000, ..., 4,000 and the end (5); checkpoints after 1,000,
+    # ..., 5,000 (5: the last is one of them)
+    fast = run_time(PRESETS["gpt2-124m-speedrun"], 8, measured, 10042)
+    assert fast["events"] == {"evaluations": 41, "samples": 5, "checkpoints": 5}
+    assert fast["parts"] == pytest.approx(
+        {
+            "steps": 1250.0,  # 5,000 × 0.25
+            "evaluations": 1025.861,  # 41 × 25.021
+            "samples": 2.5,
+            "checkpoints": 15.0,
+            "start-up": 40.0,
+        },
+        rel=1e-12,  # as above
+    )
+    # no validation split and no HellaSwag: the evaluations cost nothing
+    bare = {**measured, "val_s": None, "hellaswag_s_per_example": None}
+    assert run_time(PRESETS["gpt2-124m"], 8, bare, 0)["parts"]["evaluations"] == 0
+
+
+def test_mfu_is_per_gpu_by_hand():
+    """524,288 tokens in 0.25 s on 8 GPUs of 1,000 TFLOP/s, at a made-up 1e9 FLOPs per
+    token: 2,097,152 tokens/s, 262,144 per GPU, 2.62144e14 FLOP/s of 1e15."""
+    from gpt2lib.preflight import step_rates
+
+    tokens_per_s, mfu = step_rates(524288, 0.25, 8, 1e9, 1000.0)
+    assert tokens_per_s == 2097152.0  # exact: a power of two divides it
+    assert mfu == pytest.approx(0.262144, rel=1e-12)  # three float64 operations
+    assert step_rates(524288, 0.25, 8, 1e9, None) == (2097152.0, None)
+
+
+def test_hellaswag_is_timed_per_example_on_one_rank(monkeypatch):
+    """On 2 ranks, rank 0 scores examples 0, 2 and 4 of 5: at a made-up 0.5 s each,
+    1.5 s, which is 0.5 s per example of its share (not 0.3 s, per example of all)."""
+    from types import SimpleNamespace
+
+    import gpt2lib.preflight as preflight_module
+    from gpt2lib.dist import DistEnv
+
+    clock = [0.0]
+
+    def score(model, examples, device, autocast, rank, world_size, **kwargs):
+        clock[0] += 0.5 * len(examples[rank::world_size])
+        return {"n": len(examples), "acc": 0.0, "acc_norm": 0.0}
+
+    monkeypatch.setattr(preflight_module, "evaluate_hellaswag", score)
+    monkeypatch.setattr(preflight_module, "complete", lambda *args, **kwargs: ["x"])
+    monkeypatch.setattr(
+        preflight_module, "time", SimpleNamespace(perf_counter=lambda: clock[0])
+    )
+    found = {
+        "run": {"model": None, "eval_model": None, "autocast": None},
+        "val_loader": None,
+        "hellaswag": [{}] * 7,
+    }
+    preflight_module.check_evaluation(SMOKE, DistEnv(world_size=2), 5, found)
+    assert found["hellaswag_s_per_example"] == 0.5  # exact: 1.5 / 3 of binary halves

@@ -18,12 +18,14 @@ from gpt2lib.runtime import (
     atomic_write,
     autocast_for,
     command_name,
+    cpu_info,
     git_state,
     lock_directory,
     one_line,
     provenance,
     resolve_device,
     run_command,
+    UserError,
 )
 
 LIB = Path(gpt2lib.__file__).parent
@@ -138,6 +140,41 @@ def test_run_command_exit_statuses(capsys):
     assert one_line(ValueError("")) == "ValueError"
 
 
+def test_a_bug_shows_its_traceback_and_a_user_error_does_not(capsys):
+    "Only what an input check raises is the user's; a RuntimeError is not."
+
+    @run_command
+    def bad_value(argv=None):
+        raise UserError("--max-lr must be positive, got -1")
+
+    @run_command
+    def shape_bug(argv=None):
+        torch.ones(2, 3) @ torch.ones(2, 3)
+
+    @run_command
+    def cpu_out_of_memory(argv=None):
+        # what PyTorch's CPU allocator raises (no "out of memory" in it)
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
+            "allocate memory: you tried to allocate 1099511627776 bytes."
+        )
+
+    with pytest.raises(SystemExit) as exit:
+        bad_value()
+    assert exit.value.code == "error: --max-lr must be positive, got -1"
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        shape_bug()
+    assert exit.value.code.startswith("error: RuntimeError: mat1 and mat2 shapes")
+    assert "a bug in gpt2lib" in exit.value.code
+    shown = capsys.readouterr().err
+    assert "Traceback" in shown and "mat1 and mat2 shapes" in shown
+    with pytest.raises(SystemExit) as exit:
+        cpu_out_of_memory()
+    assert exit.value.code.startswith("error: out of memory: ask for less")
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_command_name_follows_how_the_command_was_called(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/venv/bin/gpt2-export-hf"])
     assert command_name("export_hf") == "gpt2-export-hf"
@@ -154,6 +191,50 @@ def test_provenance_records_the_commit_and_whether_the_tree_was_dirty():
     assert {"device", "torch", "cuda", "commit", "dirty", "date"} <= provenance(
         "cpu"
     ).keys()
+
+
+def test_provenance_records_the_cpu_model_its_vector_flags_and_torchs_threads(
+    tmp_path,
+):
+    "A CPU result repeats bit for bit only on the same CPU model: record which."
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(
+        "processor\t: 0\nmodel name\t: Example CPU 9000 @ 3.0GHz\n"
+        "flags\t\t: fpu sse2 fma avx2 avx512f avx512_bf16 amx_tile\n\n"
+        "processor\t: 1\nmodel name\t: Example CPU 9000 @ 3.0GHz\n"
+        "flags\t\t: fpu\n"
+    )
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        info = cpu_info(fake)
+        assert info["cpu"] == "Example CPU 9000 @ 3.0GHz"
+        assert info["cpu_flags"] == [
+            "fma",
+            "avx2",
+            "avx512f",
+            "avx512_bf16",
+            "amx_tile",
+        ]
+        assert info["threads"] == 1
+        assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        # no /proc/cpuinfo (macOS, Windows): still a name, never an error
+        missing = cpu_info(tmp_path / "missing")
+        assert missing["cpu"] and missing["threads"] == 1
+        record = provenance("cpu")
+        assert {"cpu", "cpu_flags", "cpu_capability", "threads"} <= record.keys()
+        assert record["threads"] == 1 and record["device"].endswith(", 1 threads)")
+        assert record["cpu"] in record["device"]
+    finally:
+        torch.set_num_threads(threads)
+    real = Path("/proc/cpuinfo")
+    if real.exists() and "model name" in real.read_text():
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in real.read_text().splitlines()
+            if line.startswith("model name")
+        )
+        assert provenance("cpu")["cpu"] == model
 
 
 # The package's layers (see gpt2lib/__init__.py): a module imports only from lower
@@ -300,10 +381,10 @@ def test_a_file_system_without_locks_is_named_not_mistaken_for_another_run(
 def test_error_line_leaves_in_one_write(tmp_path):
     "Unbuffered (PYTHONUNBUFFERED=1, as torchrun users often set): still one write."
     script = (
-        "from gpt2lib.runtime import run_command\n"
+        "from gpt2lib.runtime import UserError, run_command\n"
         "@run_command\n"
         "def main(argv=None):\n"
-        "    raise ValueError('bad setting')\n"
+        "    raise UserError('bad setting')\n"
         "main()\n"
     )
     done = subprocess.run(

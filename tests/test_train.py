@@ -17,6 +17,7 @@ from gpt2lib.data import DataLoader
 from gpt2lib.evaluate import validation_loss
 from gpt2lib.train import PRESETS, train
 from gpt2lib.rundir import read_log
+from gpt2lib.runtime import UserError
 
 SMOKE = PRESETS["smoke"]
 
@@ -82,7 +83,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(
 
 def test_no_readable_checkpoint_is_an_error(tmp_path):
     (tmp_path / "ckpt_0000003.pt").write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="none of the 1 checkpoints"):
+    with pytest.raises(UserError, match="none of the 1 checkpoints"):
         load_latest_checkpoint(tmp_path)
 
 
@@ -363,6 +364,30 @@ def test_the_micro_batch_search_tries_the_divisors_of_the_budget_largest_first()
     assert largest_micro_batch(big, DistEnv(), fits=lambda b: tried.append(b) or 1)
     assert max(tried) <= CPU_AUTO_LIMIT
     assert largest_micro_batch(SMOKE, DistEnv(), fits=lambda b: False) is None
+
+
+@pytest.mark.parametrize("world_size", [2, 8])
+def test_the_micro_batch_divides_the_budget_on_every_rank(world_size):
+    """A budget of 120 sequences of 1,024 tokens: one process may take micro-batches
+    of 8, but 8 on each of 2 ranks (16) or 8 ranks (64) do not divide 120. Under a
+    made-up memory limit of 9 sequences, 2 ranks take 6 (60 each, 10 micro-steps) and
+    8 ranks take 5 (15 each, 3 micro-steps); under every limit, the largest that
+    divides and fits."""
+    from gpt2lib.dist import DistEnv
+    from gpt2lib.train import largest_micro_batch
+
+    cfg = dataclasses.replace(PRESETS["gpt2-124m"], total_batch_size=120 * 1024)
+    env = DistEnv(world_size=world_size, device="cuda")  # `fits` decides: no GPU used
+    assert (
+        largest_micro_batch(cfg, env, fits=lambda b: b <= 9) == {2: 6, 8: 5}[world_size]
+    )
+    for limit in range(1, 122):
+        chosen = largest_micro_batch(cfg, env, fits=lambda b: b <= limit)
+        assert cfg.total_batch_size % (chosen * world_size * cfg.block_size) == 0
+        # by hand: every micro-batch of at most `limit` whose ranks divide the 120
+        assert chosen == max(
+            b for b in range(1, limit + 1) if 120 % (b * world_size) == 0
+        ), limit
 
 
 def test_batch_size_auto_keeps_the_budget_by_accumulation(

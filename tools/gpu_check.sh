@@ -92,7 +92,7 @@ stage "hellaswag" "${limits[0]}" python3 - "$work/hellaswag_val.jsonl" \
   "$out/hellaswag-$name.json" "${device[1]}" <<'EOF'
 import json, sys, time
 import torch
-from gpt2lib.evaluate import evaluate_hellaswag, read_hellaswag
+from gpt2lib.evaluate import evaluate_hellaswag, read_hellaswag, render_example
 from gpt2lib.model import GPT, GPTConfig
 from gpt2lib.runtime import atomic_write, autocast_for, provenance
 
@@ -111,7 +111,9 @@ for max_tokens in (1, 64 * 1024) * 2:  # the first of each warms up
     runs.append({"max_tokens": max_tokens, "seconds": time.perf_counter() - t0,
                  "examples": len(examples), **scores})
     print(runs[-1])
-result = {**provenance(device), "model": "gpt2", "runs": runs[2:]}
+widths = [render_example(example)[0].size(1) for example in examples]
+result = {**provenance(device), "model": "GPT-2 124M's shape, random weights",
+          "row_tokens": [min(widths), max(widths)], "runs": runs[2:]}
 atomic_write(report, json.dumps(result, indent=2) + "\n")
 EOF
 stage "bench" "${limits[1]}" \
