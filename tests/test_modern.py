@@ -1,12 +1,13 @@
 """The modern model (chapter 11): with every switch off it is chapter 2's GPT, bit for bit;
 each switch does what it says, checked against a reference computation."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from gpt2lib.model import GPT, GPTConfig
+from gpt2lib.model import GPT, GPTConfig, KVCache
 from gpt2lib.modern import SWITCHES, ModernConfig, ModernGPT, make_model, rotary
 
 SHAPE = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
@@ -18,6 +19,7 @@ ON = dict(
     zero_init_proj=True,
     softcap=2.0,
 )
+OFF = {name: getattr(ModernConfig, name) for name in SWITCHES}  # the defaults
 
 
 def build(config, seed=0):
@@ -98,6 +100,64 @@ def test_rotary_scores_depend_on_relative_position_only():
     ).abs() > 1e-3  # but distance matters
 
 
+def roformer_reference(x, positions, base):
+    """RoFormer's rotation, written out pair by pair in float64: the pair (x[2i],
+    x[2i+1]) at position t turns by the angle t * theta_i, theta_i = base^(-2i/d)."""
+    d = x.size(-1)
+    t = torch.tensor(positions, dtype=torch.float64)  # (T,)
+    out = torch.empty(x.shape, dtype=torch.float64)
+    x = x.double()
+    for i in range(d // 2):
+        theta = base ** (-2 * i / d)
+        cos, sin = torch.cos(t * theta), torch.sin(t * theta)
+        first, second = x[..., 2 * i], x[..., 2 * i + 1]  # (..., T)
+        out[..., 2 * i] = first * cos - second * sin
+        out[..., 2 * i + 1] = first * sin + second * cos
+    return out
+
+
+def assert_rotated(got, x, start, base=10000.0):
+    """`got` (..., T, d) is x rotated at positions start, ..., start + T - 1 with
+    `base`. The module computes the angle t * theta in float32: theta = base^(-2i/d) by
+    a float32 power (d a power of 2, so the exponent is exact; the power is within 2
+    ulps, 2^-22 relative), times t (exact integers), rounded once more (2^-24): the
+    angle is within t * 2^-21 (theta <= 1) of the exact one, and a coordinate moves by
+    at most that times its pair's length. cos and sin (a few ulps) and the two products
+    and the sum (one rounding each) add at most 2^-21 of the pair's length. Another base
+    turns the second pair by another angle already at t = 1 (0.1 rad for base 1000), far
+    larger."""
+    T, d = x.shape[-2:]
+    assert d & (d - 1) == 0
+    positions = list(range(start, start + T))
+    expected = roformer_reference(x, positions, base)
+    pair_length = x.double().unflatten(-1, (d // 2, 2)).norm(dim=-1).max()
+    angle_error = torch.tensor(positions, dtype=torch.float64)[:, None] * 2**-21
+    bound = (angle_error + 2**-21) * pair_length
+    assert ((got.double() - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("start", [0, 1, 1000, 8000])
+def test_rotary_is_roformers_rotation_with_base_10000(start):
+    # the pairs are interleaved (x[2i], x[2i+1]), not halves, and the default base is
+    # RoFormer's 10000, at small and large positions (a KV cache's `start`)
+    x = torch.randn(2, 3, 9, 16, generator=torch.Generator().manual_seed(start))
+    assert_rotated(rotary(x, start=start), x, start)
+    assert_rotated(rotary(x, base=500.0, start=start), x, start, base=500.0)
+
+
+def test_the_models_rope_uses_roformers_base():
+    # what the model computes: its attention's queries and keys, rotated with the
+    # config's default base, at the positions after a cache's 1000
+    attention = build(ModernConfig(**SHAPE, rope=True)).transformer.h[0].attn
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 2, 5, 16, generator=g), torch.randn(2, 2, 5, 16, generator=g)
+    for start in (0, 1000):
+        rq, rk = attention.transform_qk(q, k, start)
+        assert_rotated(rq, q, start)
+        assert_rotated(rk, k, start)
+    assert ModernConfig.rope_base == 10000.0
+
+
 def test_rope_removes_the_position_table():
     model = build(ModernConfig(**SHAPE, rope=True))
     assert "transformer.wpe.weight" not in model.state_dict()
@@ -156,6 +216,31 @@ def test_zero_init_projections_make_every_block_the_identity_at_init():
     torch.testing.assert_close(model(x)[0], expected, rtol=0, atol=0)
 
 
+def test_zero_init_zeroes_exactly_the_output_projections():
+    # Identity blocks do not say which weights are zero: c_attn or c_fc at zero give
+    # them too. The switch zeroes attn.c_proj and mlp.c_proj of every block and changes
+    # nothing else: every other parameter equals the same seed's model without it, which
+    # has no zero matrix at all.
+    off, on = (
+        build(ModernConfig(**SHAPE, zero_init_proj=zero)).state_dict()
+        for zero in (False, True)
+    )
+    projections = {
+        f"transformer.h.{i}.{part}.c_proj.weight"
+        for i in range(SHAPE["n_layer"])
+        for part in ("attn", "mlp")
+    }
+    assert list(on) == list(off) and projections <= set(on)
+    for name in on:
+        if name in projections:
+            assert torch.count_nonzero(on[name]) == 0, name
+        else:
+            assert torch.equal(on[name], off[name]), name
+    matrices = [name for name, w in off.items() if w.dim() == 2]
+    assert projections < set(matrices)
+    assert not [name for name in matrices if torch.count_nonzero(off[name]) == 0]
+
+
 def test_softcap_bounds_the_logits_and_is_tanh_of_the_uncapped_ones():
     x = tokens()
     capped = build(ModernConfig(**SHAPE, softcap=0.5))(x)[0]
@@ -183,6 +268,62 @@ def test_softcap_with_a_padded_vocabulary_keeps_padding_out():
 def test_bad_configs_are_refused_with_the_setting_named(bad, message):
     with pytest.raises(ValueError, match=message):
         ModernConfig(**{**SHAPE, **bad})
+
+
+def random_modern(attn_impl="sdpa", seed=0, **switches):
+    """A tiny modern model in float64 with every weight random (zero-initialised
+    projections and unit gains included), so that any dependence shows."""
+    torch.manual_seed(seed)
+    config = ModernConfig(
+        **{**SHAPE, "block_size": 16}, attn_impl=attn_impl, **switches
+    )
+    model = ModernGPT(config).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+COMBINATIONS = [
+    {name: (ON[name] if on else OFF[name]) for name, on in zip(SWITCHES, bits)}
+    for bits in itertools.product((False, True), repeat=len(SWITCHES))
+]
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+def test_no_position_sees_the_future_with_any_switches_and_kernel(attn_impl):
+    # All 64 combinations of the switches, each with both attention kernels: changing
+    # the tokens from position 7 on leaves the logits of positions 0..6 unchanged, and
+    # the KV cache (a prompt, single tokens, then a chunk) gives the full forward's
+    # logits. float64: a position before the change sees the same operands (the masked
+    # ones enter as exact zeros), and the cached path differs from the full one only by
+    # the order of sums, ~1e-16 relative on logits of size ~10 through 2 blocks; 1e-10
+    # leaves room, while a leak (QK-norm over positions, a wrong mask) moves them by
+    # 0.01 or more.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 97, (2, 12), generator=g)
+    later = x.clone()
+    later[:, 7:] = (x[:, 7:] + 1 + torch.randint(0, 96, (2, 5), generator=g)) % 97
+    pieces = [(0, 5), (5, 6), (6, 7), (7, 8), (8, 9), (9, 12)]
+    for switches in COMBINATIONS:
+        model = random_modern(attn_impl, **switches)
+        with torch.no_grad():
+            full, changed = model(x)[0], model(later)[0]
+            cache = KVCache(model.config)
+            cached = torch.cat(
+                [model(x[:, a:b], kv_cache=cache)[0] for a, b in pieces], 1
+            )
+        assert (changed[:, 7:] - full[:, 7:]).abs().max() > 1e-3, switches  # it reads
+        torch.testing.assert_close(
+            changed[:, :7],
+            full[:, :7],
+            rtol=1e-10,
+            atol=1e-10,
+            msg=lambda m, s=switches: f"{s}: {m}",
+        )
+        torch.testing.assert_close(
+            cached, full, rtol=1e-10, atol=1e-10, msg=lambda m, s=switches: f"{s}: {m}"
+        )
 
 
 @pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])

@@ -9,7 +9,6 @@ import torch
 
 from gpt2lib.model import GPT, GPTConfig
 from gpt2lib.optim import (
-    NS_COEFFICIENTS,
     Muon,
     configure_muon,
     newton_schulz5,
@@ -18,8 +17,10 @@ from gpt2lib.optim import (
 
 
 def quintic_5(s):
-    "The scalar map that 5 Newton-Schulz steps apply to each singular value."
-    a, b, c = NS_COEFFICIENTS
+    """The scalar map that 5 Newton-Schulz steps apply to each singular value, with the
+    quintic's coefficients from Keller Jordan's Muon (modded-nanogpt's
+    `zeropower_via_newtonschulz5`) written here, not read from the module under test."""
+    a, b, c = 3.4445, -4.7750, 2.0315
     for _ in range(5):
         s = a * s + b * s**3 + c * s**5
     return s
@@ -39,8 +40,11 @@ def gradient_like(rows, cols, seed=0, dtype=torch.float32):
 def test_newton_schulz_is_the_quintic_applied_to_the_singular_values(shape):
     # Reference: the SVD. The iteration is a polynomial in G G^T times G, so it must equal
     # U p(S / |G|_F) V^T. In float64 the only differences are rounding of O(1) entries over
-    # 5 steps of 3 matrix products (~1e-15 each); 1e-10 leaves room and a wrong coefficient
-    # or a missed transpose is off by O(0.01) or more.
+    # 5 steps of 3 matrix products (~1e-15 each); 1e-10 leaves room, and a coefficient
+    # off in its third digit (-4.750 for -4.775) moves entries by O(0.01). A tall matrix
+    # left untransposed would not show, and is no error: G p(G^T G) = p(G G^T) G, so the
+    # result is the same up to rounding (measured 1e-15 here); it only costs more, the
+    # rows x rows Gram matrix instead of columns x columns (~10x the flops at 4:1).
     G = gradient_like(*shape, dtype=torch.float64)
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
     expected = (
@@ -69,6 +73,26 @@ def test_newton_schulz_in_bf16_puts_singular_values_in_the_promised_band(shape):
         before.max() / before.min() > 20
     )  # the input was far from orthogonal (measured 28-43)
     assert 0.5 < after.min() and after.max() < 1.5
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64)])
+def test_newton_schulz_maps_every_singular_value_into_the_quintics_band(shape):
+    # A property, not a reference: Gaussian matrices 4:1, wide and tall, have normalised
+    # singular values from about (sqrt(256) - sqrt(64)) / 128 = 0.0625 (the
+    # Marchenko-Pastur edge; asserted above 0.06) to 1, and quintic_5 maps [0.06, 1]
+    # into [0.68, 1.14] (checked on a fine grid; the extremes are flat, so the grid
+    # misses ~1e-10), around 1 as Muon's "roughly U(0.5, 1.5)" promises. float64
+    # rounding adds ~1e-15: the orthogonalised matrix's singular values lie in that
+    # band.
+    s = torch.linspace(0.06, 1, 100_001, dtype=torch.float64)
+    assert 0.68 < quintic_5(s).min() and quintic_5(s).max() < 1.14
+    G = torch.randn(
+        *shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64
+    )
+    normalised = torch.linalg.svdvals(G) / G.norm()
+    assert 0.06 < normalised.min() and normalised.max() / normalised.min() > 2.5
+    after = torch.linalg.svdvals(newton_schulz5(G, dtype=torch.float64))
+    assert 0.68 < after.min() and after.max() < 1.14
 
 
 def test_muon_with_identity_orthogonalisation_is_sgd_with_nesterov_momentum():

@@ -16,6 +16,7 @@ scaler that did not unscale the gradients before clipping and the update, or ski
 updates it should not, moves the loss by far more within the 6 steps (the update would
 be scaled by 65,536, or missing)."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -34,8 +35,14 @@ from gpt2lib.evaluate import (
     validation_loss,
 )
 from gpt2lib.model import GPT, GPTConfig
+from gpt2lib.optim import train_step
 from gpt2lib.rundir import read_log
-from gpt2lib.runtime import autocast_for, choose_precision, describe_precision
+from gpt2lib.runtime import (
+    autocast_for,
+    choose_precision,
+    describe_precision,
+    grad_scaler,
+)
 from gpt2lib.train import PRESETS, train
 
 BF16 = REL_TOLERANCE["bf16"]
@@ -63,6 +70,48 @@ def runs(tmp_path_factory):
             progress=False,
         )
     return out
+
+
+def test_fp16_step_with_the_scaler_clips_and_updates_with_the_true_gradients():
+    # One SGD step (the update is -lr times the clipped gradient: nothing normalises it
+    # away, as Adam would) of a tiny GPT, in fp16 autocast with GradScaler against fp32
+    # without. The scaler multiplies the loss by 2^16 before backward; unscale_ must
+    # divide the gradients back before the norm is measured and clipped. Without it the
+    # norm is 2^16 times too large, and clipping at 10 (the true norm is about 1, so
+    # fp32 does not clip) shrinks the update by a factor of ~10^4 or more. Tolerance:
+    # fp16 rounds each matrix multiply's inputs and output to 2^-11 relative; a weight's
+    # gradient passes through at most ~30 such roundings (forward and backward through 2
+    # blocks and the head), so it and the norm are within 30 * 2^-11 = 1.5 % even if
+    # every error lined up; we allow 2^-5 (3 %). The bug is off by 100 % (the update)
+    # and by a factor of 65,536 (the norm).
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randint(0, 64, (4, 16), generator=g) for _ in range(2))
+    results = {}
+    for precision in ("fp32", "fp16"):
+        trained = copy.deepcopy(model)
+        before = [p.detach().clone() for p in trained.parameters()]
+        scaler = grad_scaler("cpu", precision)
+        _, norm = train_step(
+            trained,
+            torch.optim.SGD(trained.parameters(), lr=0.1),
+            [(x, y), (y, x)],
+            lr=0.1,
+            grad_clip=10.0,
+            autocast=autocast_for("cpu", precision),
+            scaler=scaler if scaler.is_enabled() else None,
+        )
+        update = torch.cat(
+            [(p.detach() - b).flatten() for p, b in zip(trained.parameters(), before)]
+        )
+        results[precision] = norm.item(), update
+    (norm32, update32), (norm16, update16) = results["fp32"], results["fp16"]
+    assert 0.5 < norm32 < 5  # the clip at 10 is inactive for the true gradients
+    assert scaler.get_scale() == 2.0**16  # fp16 did scale, and no step was skipped
+    assert not torch.equal(update16, update32)  # it did compute in fp16
+    assert abs(norm16 - norm32) <= 2**-5 * norm32, (norm16, norm32)
+    assert (update16 - update32).norm() <= 2**-5 * update32.norm()
 
 
 def test_training_with_bf16_autocast_follows_fp32(runs):
