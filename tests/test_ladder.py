@@ -4,8 +4,12 @@ its rungs, its corpus, and the command end to end on a tiny size."""
 import dataclasses
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from gpt2lib.ladder import (
     RUNGS,
     SIZES,
     corpus_shards,
+    main,
     mean_curve,
     rung_configs,
     summarise,
@@ -159,7 +164,16 @@ def test_the_command_writes_curves_and_provenance(tmp_path):
     assert seeds[0]["val"][-1] != seeds[1]["val"][-1]  # the seeds are different runs
     assert data["base"]["vocab_size"] < 50257  # the renumbered corpus
     assert [row["rung"] for row in data["summary"]] == ["gpt2", "+rope", "+muon"]
+    assert data["complete"] is True and data["missing"] == []
     assert "| gpt2 |" in result.stdout
+    # the file is there now: a second ladder does not overwrite it without --force
+    before = out.read_bytes()
+    status = ladder_main("--size", "tiny", "--json", out)
+    assert (
+        status == f"error: --json {out} exists: pass --force to overwrite it (a "
+        "ladder does not resume), or choose another file"
+    )
+    assert out.read_bytes() == before
 
 
 @pytest.mark.parametrize(
@@ -177,3 +191,111 @@ def test_bad_input_is_one_line_before_any_run(tmp_path, args, fragment):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def ladder_main(*args):
+    "Run the command in this process: (its exit status or error line, nothing else)."
+    with pytest.raises(SystemExit) as exit:
+        main(list(map(str, args)))
+    return exit.value.code
+
+
+@pytest.mark.parametrize("case", ["exists", "directory", "no parent", "read-only"])
+def test_a_json_path_that_cannot_take_the_result_is_refused_before_any_run(
+    tmp_path, case, monkeypatch
+):
+    target = {
+        "exists": tmp_path / "old.json",
+        "directory": tmp_path,
+        "no parent": tmp_path / "missing" / "x.json",
+        "read-only": tmp_path / "locked" / "x.json",
+    }[case]
+    if case == "exists":
+        target.write_text("an earlier ladder")
+    if case == "read-only":
+        target.parent.mkdir()
+        target.parent.chmod(0o500)
+        if os.geteuid() == 0:  # root writes anywhere: the check is asked instead
+            access = os.access
+            monkeypatch.setattr(
+                os,
+                "access",
+                lambda path, mode: access(path, mode) and Path(path) != target.parent,
+            )
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    status = ladder_main("--size", "tiny", "--json", target)
+    assert isinstance(status, str) and status.startswith(f"error: --json {target}")
+    assert "\n" not in status
+    fragment = {
+        "exists": "pass --force to overwrite it",
+        "directory": "is a directory",
+        "no parent": f"there is no directory {target.parent}",
+        "read-only": f"cannot write to the directory {target.parent}",
+    }[case]
+    assert fragment in status, status
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    if case == "exists":
+        assert target.read_text() == "an earlier ladder"
+
+
+@pytest.mark.parametrize(
+    "signum, status, wait_for, delay",
+    [
+        # after the first run: the signal lands in the second one's training (or
+        # just before it), which is dropped
+        (signal.SIGINT, 130, "seed 0:", 1.0),
+        (signal.SIGTERM, 143, "seed 0:", 0.0),
+        # in the first run: nothing finished, nothing is written
+        (signal.SIGINT, 130, "precision:", 0.0),
+    ],
+)
+def test_a_signal_stops_the_ladder_and_saves_only_finished_runs_marked_incomplete(
+    tmp_path, signum, status, wait_for, delay
+):
+    out = tmp_path / "ladder.json"
+    steps = 60
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpt2lib.ladder",
+            *("--size", "tiny", "--seeds", "2", "--rungs", "2"),
+            *("--max-steps", str(steps), "--threads", "1", "--json", str(out)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    while not lines or (wait_for not in lines[-1] and lines[-1]):
+        lines.append(proc.stdout.readline())
+    assert wait_for in lines[-1], (lines, proc.stderr.read())
+    time.sleep(delay)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    finished = sum("seed " in line for line in lines + stdout.splitlines())
+    assert proc.returncode == status, stderr
+    assert "Traceback" not in stderr and stderr.count("\n") == 1, stderr
+    name = signal.Signals(signum).name
+    assert stderr.startswith(f"{name}: the ladder stopped; ")
+    assert "A ladder does not resume: rerun the command" in stderr
+    if wait_for == "precision:":
+        assert finished == 0 and not out.exists()
+        assert f"no run had finished, {out} not written" in stderr
+        return
+    assert finished >= 1
+    assert f"saved the {finished} of 4 runs that finished to {out}" in stderr
+    assert "rerun the command with --force" in stderr
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and data["stopped_by"] == name
+    assert "summary" not in data  # no verdict from part of a ladder
+    runs = [(rung["name"], run) for rung in data["rungs"] for run in rung["runs"]]
+    assert len(runs) == finished < 4
+    done = [(name, run["seed"]) for name, run in runs]
+    assert done == [("gpt2", 0), ("gpt2", 1), ("+rope", 0)][:finished]
+    missing = [(m["rung"], s) for m in data["missing"] for s in m["seeds"]]
+    assert sorted(done + missing) == sorted(
+        (r, s) for r in ("gpt2", "+rope") for s in (0, 1)
+    )
+    for _, run in runs:  # every recorded run is whole: all its steps, its last eval
+        assert len(run["train"]) == steps and run["val"][-1][0] == steps * 128
