@@ -117,3 +117,14 @@ def gpt2_vocab_hf(tmp_path_factory):
     the tokenizer."""
     model = make_hf_model(1, 2, 32, 50257, 64)
     return model, save_hf(model, tmp_path_factory.mktemp("gpt2vocab"), "safetensors")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished smoke run (checkpoints at steps 3 and 6, log, samples, summary), one
+    per test module: the hostile tests copy it rather than change it."""
+    from gpt2lib.train import PRESETS, train
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(PRESETS["smoke"], out, device="cpu", progress=False)
+    return out

@@ -87,14 +87,6 @@ def measured(run_dir: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    "A finished smoke run (checkpoints at steps 3 and 6, log, samples, summary)."
-    out = tmp_path_factory.mktemp("finished") / "run"
-    train(SMOKE, out, device="cpu", progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     "A smoke run stopped after 3 of its 6 steps (checkpoint at step 3)."
     out = tmp_path_factory.mktemp("stopped") / "run"

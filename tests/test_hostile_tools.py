@@ -31,14 +31,6 @@ SMOKE = PRESETS["smoke"]
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    "A finished smoke run (checkpoints at steps 3 and 6, log, samples, summary)."
-    out = tmp_path_factory.mktemp("finished") / "run"
-    train(SMOKE, out, device="cpu", progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def untied(tmp_path_factory):
     "A finished smoke run of chapter 11's model with only its head untied."
     out = tmp_path_factory.mktemp("untied") / "run"
@@ -48,9 +40,9 @@ def untied(tmp_path_factory):
 
 
 @pytest.fixture
-def places(tmp_path, finished):
+def places(tmp_path, finished_run):
     "What the cases point the commands at: a run (a copy), documents, a few files."
-    shutil.copytree(finished, tmp_path / "run")
+    shutil.copytree(finished_run, tmp_path / "run")
     (tmp_path / "a_file").write_text("not a directory")
     np.save(tmp_path / "val.npy", np.arange(2000, dtype=np.uint16))
     docs = tmp_path / "docs.jsonl"
