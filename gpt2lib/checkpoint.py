@@ -12,7 +12,7 @@ __all__ = [
     'list_checkpoints', 'save_checkpoint', 'save', 'read_checkpoint',
     'check_checkpoint', 'load_latest_checkpoint', 'load_optimizer_state',
     'set_aside_damaged', 'refuse_earlier_checkpoints', 'Checkpointer',
-    'model_from_checkpoint', 'load_model'
+    'refuse_to_overwrite', 'claim_run_dir', 'model_from_checkpoint', 'load_model'
 ]
 
 # %% ../nbs/09_train.ipynb #c017
@@ -31,6 +31,7 @@ from . import dist
 from .hf import load_pretrained
 from .model import GPT, GPTConfig
 from .modern import ModernConfig, make_model
+from .rundir import RunDir
 from .runtime import atomic_write, UserError
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{7})\.pt$")
@@ -227,26 +228,13 @@ def refuse_earlier_checkpoints(out_dir) -> None:
 class Checkpointer:
     "Saves and restores the whole state of a training run in its directory."
 
-    def __init__(
-        self,
-        out_dir,
-        config,
-        env: dist.DistEnv,
-        model,
-        optimizer,
-        loader,
-        every: int = 0,
-        keep: int = 3,
-        scaler: torch.amp.GradScaler | None = None,
-    ):
+    def __init__(self, out_dir, config, env: dist.DistEnv, states: dict, keep: int = 3):
+        """`states`: what the run's checkpoints hold besides its step, settings and
+        random states, by name (torchtitan's `states`): objects with `state_dict` and
+        `load_state_dict`, the model first; a new part of a run's state is one more
+        entry. The optimizer's is loaded with `load_optimizer_state`."""
         self.out_dir, self.config, self.env = Path(out_dir), config, env
-        self.model, self.optimizer, self.loader = model, optimizer, loader
-        self.every, self.keep = every, keep
-        # fp16's gradient scaler: its scale is part of the run's state
-        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-
-    def due(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0
+        self.states, self.keep = states, keep
 
     def latest(self) -> str:
         "Which checkpoint a user would resume from now, in words."
@@ -261,21 +249,17 @@ class Checkpointer:
         "Write the state after `step` steps (rank 0 only)."
         if not self.env.is_main:
             return None
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        if not all(torch.isfinite(p).all() for p in self.states["model"].parameters()):
             raise UserError(
                 f"not saving step {step}: the weights are not finite; {self.latest()}"
             )
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "loader": self.loader.state_dict(),
+        state = {name: part.state_dict() for name, part in self.states.items()}
+        state |= {
             "step": step,
             "config": dataclasses.asdict(self.config),
             "rng": rng_state(self.env.device),
             "world_size": self.env.world_size,
         }
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
         try:
             return save_checkpoint(self.out_dir, step, state, self.keep)
         except OSError as err:
@@ -320,14 +304,15 @@ class Checkpointer:
             return 0
         path, step = chosen
         state = self.__dict__.pop("_state", None) or read_checkpoint(path)
-        self.model.load_state_dict(state["model"])  # copies onto the model's device
-        load_optimizer_state(self.optimizer, state["optimizer"])
-        # a position in the whole run's tokens: any world size
-        self.loader.load_state_dict(state["loader"])
+        # the model's weights are copied onto its device; the loader's position is
+        # one in the whole run's tokens (any world size). A part the checkpoint lacks
+        # starts fresh: fp16's scaler, after a run saved in bf16 ("auto" on another GPU)
+        for name, part in self.states.items():
+            if name in state and isinstance(part, torch.optim.Optimizer):
+                load_optimizer_state(part, state[name])
+            elif name in state:
+                part.load_state_dict(state[name])
         set_rng_state(state["rng"], self.env.device)
-        # a run saved in bf16 or fp32 ("auto" on another GPU) starts a fresh scaler
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
         if self.env.is_main and announce:
             saved_by = state.get("world_size", 1)
             note = (
@@ -339,6 +324,36 @@ class Checkpointer:
             )
             print(f"resuming from {path} at step {step}{note}")
         return step
+
+
+def refuse_to_overwrite(out, resume: bool) -> None:
+    """Refuse a run directory `out` whose earlier run this one would overwrite: its
+    files without `resume`, or files with no checkpoint to resume from (on rank 0; what
+    gpt2-preflight asks of --out too)."""
+    run = RunDir(out)
+    if list_checkpoints(run.path):
+        if not resume:
+            run.refuse_earlier_run(
+                "pass --resume to continue it, or choose another --out"
+            )
+            refuse_earlier_checkpoints(run.path)
+    else:
+        # nothing to resume from: starting here would erase an earlier run's log
+        run.refuse_earlier_run(
+            "it has no checkpoint to resume from; choose another --out (or delete "
+            "those files to start over here)"
+        )
+
+
+def claim_run_dir(rundir: RunDir, resume: bool) -> None:
+    """Rank 0: take the run directory's lock, and refuse to overwrite an earlier run.
+    A fresh run that fails before its first checkpoint has its log set aside (the
+    directory is not left holding a run that cannot resume)."""
+    rundir.claim()
+    remove_stale_temporary_files(rundir.path)
+    refuse_to_overwrite(rundir.path, resume)
+    if not list_checkpoints(rundir.path):
+        rundir.resumable = lambda: bool(list_checkpoints(rundir.path))
 
 # %% ../nbs/09_train.ipynb #c024
 MODEL_SPEC_HELP = (

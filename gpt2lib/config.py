@@ -8,7 +8,7 @@ field."""
 __all__ = [
     'PRESETS', 'AT_LEAST_1', 'NEVER_OR_EVERY', 'MAX_LR', 'MAX_WEIGHT_DECAY',
     'MAX_SOFTCAP', 'RULES', 'TRUE', 'FALSE', 'TrainConfig', 'option', 'check_config',
-    'value_parser', 'add_config_arguments', 'config_from_args'
+    'value_parser', 'add_config_arguments', 'config_from_args', 'build_model'
 ]
 
 # %% ../nbs/09_train.ipynb #c004
@@ -19,9 +19,12 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .data import SHIPPED_TEXTS
 from .model import GPTConfig
-from .modern import SWITCHES, ModernConfig
+from .modern import SWITCHES, ModernConfig, make_model
+from .optim import configure_muon, configure_optimizer
 from .runtime import PRECISIONS, UserError
 from .tokenizer import EOT_TOKEN, encode_prompt
 
@@ -410,3 +413,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 f"({option(name)})"
             )
     return cfg
+
+# %% ../nbs/09_train.ipynb #r001
+def build_model(cfg: TrainConfig, device: str):
+    """The model `cfg` describes (GPT-2, or chapter 11's modern one), initialised from
+    `cfg.seed` (the same weights on every rank), and its optimizer: AdamW, or Muon with
+    AdamW (chapter 5)."""
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg.model_config()).to(device)
+    if cfg.optimizer == "muon":
+        optimizer = configure_muon(
+            model, cfg.max_lr, cfg.muon_lr, cfg.weight_decay, momentum=cfg.muon_momentum
+        )
+    else:
+        optimizer = configure_optimizer(
+            model, cfg.max_lr, cfg.weight_decay, device_type=torch.device(device).type
+        )
+    return model, optimizer

@@ -7,15 +7,17 @@ was measured."""
 
 # %% auto #0
 __all__ = [
-    'Check', 'Failed', 'check_environment', 'check_data', 'check_hellaswag',
-    'build_parts', 'one_step', 'timed_steps', 'step_rates', 'check_step',
-    'scratch_directory', 'check_checkpoint', 'check_evaluation', 'duration', 'run_time',
-    'estimate', 'restate_hellaswag', 'refuse_if_in_use', 'write_report', 'preflight',
-    'parse_args', 'main'
+    'CHECKS', 'Check', 'Failed', 'Measured', 'Preflight', 'check_environment',
+    'check_precision', 'check_data', 'check_evaluations', 'timed_steps', 'step_rates',
+    'out_of_memory', 'check_step', 'scratch_directory', 'check_checkpoint',
+    'time_evaluation', 'check_evaluation', 'duration', 'run_time', 'check_estimate',
+    'restate_hellaswag', 'refuse_if_in_use', 'write_report', 'attempt', 'run_checks',
+    'preflight', 'parse_args', 'main'
 ]
 
 # %% ../nbs/09_train.ipynb #p001
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -29,43 +31,26 @@ import torch
 
 from . import dist
 from .bench import REL_TOLERANCE, device_peak_tflops, flops_per_token
-from .checkpoint import Checkpointer, list_checkpoints
+from .checkpoint import Checkpointer, list_checkpoints, refuse_to_overwrite
+from .cli import rank_error, run_arguments, setup_run
 from .config import TrainConfig
 from .data import load_tokens
-from .evaluate import evaluate_hellaswag, validation_loss
+from .evaluations import Evaluation, evaluations_for, run_events
+from .memory import fit_batch_size, largest_micro_batch, release
+from .run import Run, build_run, gpu_defaults, make_loaders
 from gpt2lib.runtime import (
     USER_ERRORS,
     DirectoryLocked,
+    Precision,
     atomic_write,
-    is_out_of_memory,
-    autocast_for,
-    choose_precision,
     command_name,
-    describe_precision,
     device_name,
-    grad_scaler,
+    is_out_of_memory,
     lock_directory,
     one_line,
     provenance,
     resolve_device,
     run_command,
-)
-from .sample import complete
-from gpt2lib.train import (
-    build_model,
-    fit_batch_size,
-    gpu_defaults,
-    largest_micro_batch,
-    load_hellaswag,
-    make_loaders,
-    rank_error,
-    refuse_to_overwrite,
-    release,
-    run_arguments,
-    run_events,
-    setup_run,
-    take_step,
-    wrap_model,
 )
 
 
@@ -91,9 +76,51 @@ class Failed(Exception):
         super().__init__(detail)
         self.detail, self.fix = detail, fix
 
+
+@dataclass
+class Measured:
+    """What the checks measured, in seconds and bytes: the report's `measured`, which
+    the estimate reads. None: not measured (its check failed, or the run has none)."""
+
+    step_s: float | None = None  # one optimizer step, the median of the timed ones
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    peak_memory: int | None = None  # on a CUDA GPU
+    first_step_s: float | None = None  # compiling and allocating included
+    save_s: float | None = None
+    checkpoint_bytes: int | None = None
+    # each evaluation's whole call, by name, timed on its second call (the first
+    # compiles); HellaSwag's from a trial on fewer examples
+    evaluation_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class Preflight:
+    """One preflight: the run it tries (settings, launch, --out) and what its checks
+    found, as attributes. Each check reads what the checks it needs found: the
+    precision and the settings with their micro-batch chosen, the loaders, the run's
+    evaluations (with what they load), the `Run` that took the timed steps, and
+    `measured`."""
+
+    cfg: TrainConfig
+    env: dist.DistEnv
+    compile: bool
+    out: Path
+    steps: int = 3  # optimizer steps to time
+    hellaswag_examples: int = 20  # HellaSwag's trial
+    precision: Precision | None = None
+    loaders: tuple | None = None  # (train, validation or None)
+    evaluations: list[Evaluation] | None = None
+    run: Run | None = None
+    peak_tflops: float | None = None
+    measured: Measured = dataclasses.field(default_factory=Measured)
+    estimate: dict = dataclasses.field(default_factory=dict)
+    warning: bool = False  # the check at work ends in a warning, not ok
+
 # %% ../nbs/09_train.ipynb #p003
-def check_environment(env: dist.DistEnv, found: dict) -> str:
+def check_environment(pf: Preflight) -> str:
     "Versions and devices of every rank, which must agree."
+    env = pf.env
     mine = {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -115,29 +142,38 @@ def check_environment(env: dist.DistEnv, found: dict) -> str:
         if env.device.startswith("cuda")
         else None
     )
-    found.update(
-        peak_tflops=device_peak_tflops(env.device),
-        memory=memory,
-        devices=[r["device"] for r in ranks],
-    )
-    devices = sorted(set(found["devices"]))
+    pf.peak_tflops = device_peak_tflops(env.device)
+    devices = sorted({r["device"] for r in ranks})
     return (
         f"torch {mine['torch']}, CUDA {mine['cuda'] or '-'}, NCCL "
         f"{mine['nccl'] or '-'}; {env.world_size} process(es) on {', '.join(devices)}"
         + (f" ({memory / 2**30:.0f} GiB)" if memory else "")
         + (
-            f"; bf16 peak {found['peak_tflops']:,.0f} TFLOP/s"
-            if found["peak_tflops"]
+            f"; bf16 peak {pf.peak_tflops:,.0f} TFLOP/s"
+            if pf.peak_tflops
             else "; bf16 peak unknown (no MFU)"
         )
     )
 
 
-def check_data(cfg: TrainConfig, env: dist.DistEnv, found: dict) -> str:
+def check_precision(pf: Preflight) -> str:
+    "The run's precision on this device, and its micro-batch (chosen if auto)."
+    pf.precision = Precision.of(pf.env.device, pf.cfg.precision)
+    auto = pf.cfg.batch_size == "auto"
+    pf.cfg = fit_batch_size(pf.cfg, pf.env, echo=lambda text: None)
+    return f"{pf.precision.describe()}; micro-batch " + (
+        f"{pf.cfg.batch_size} (auto: the largest that fits)"
+        if auto
+        else f"{pf.cfg.batch_size}"
+    )
+
+
+def check_data(pf: Preflight) -> str:
     """The splits, their tokens, the epochs the settings imply, and token ids against
     the vocabulary."""
+    cfg = pf.cfg
     # missing, unreadable, wrong dtype, too short: its own errors
-    loader, val_loader = make_loaders(cfg, env)
+    loader, val_loader = make_loaders(cfg, pf.env)
     if val_loader is None and cfg.eval_every:
         raise Failed(
             f"{cfg.data} has no validation split, but the run validates every "
@@ -156,11 +192,11 @@ def check_data(cfg: TrainConfig, env: dist.DistEnv, found: dict) -> str:
                     f"vocab_size {cfg.vocab_size}",
                     "make the shards with GPT-2's tokenizer (gpt2-fineweb)",
                 )
-    found.update(loader=loader, val_loader=val_loader)
+    pf.loaders = loader, val_loader
     train_tokens = sum(loader.lengths)
     needed = cfg.max_steps * cfg.total_batch_size
     epochs = needed / train_tokens
-    found["warning"] = epochs > 1
+    pf.warning = epochs > 1
     return (
         f"{len(loader.sources)} training source(s), {train_tokens:,} tokens; "
         "validation: "
@@ -170,60 +206,20 @@ def check_data(cfg: TrainConfig, env: dist.DistEnv, found: dict) -> str:
     )
 
 
-def check_hellaswag(cfg: TrainConfig, found: dict) -> str:
-    "HellaSwag's examples: cached or downloaded, readable, and scorable by this model."
-    found["hellaswag"] = load_hellaswag(cfg)
-    if found["hellaswag"] is None:
-        return "off (the run scores no HellaSwag)"
-    n = len(found["hellaswag"])
-    return f"{n:,} examples, each fits in block_size {cfg.block_size}"
+def check_evaluations(pf: Preflight) -> str:
+    """The run's evaluations, and what each needs loaded (HellaSwag's examples: cached
+    or downloaded, readable, and scorable by this model)."""
+    pf.evaluations = evaluations_for(pf.cfg)
+    return ", ".join(evaluation.loaded() for evaluation in pf.evaluations) or "none"
 
 # %% ../nbs/09_train.ipynb #p005
-def build_parts(cfg: TrainConfig, env: dist.DistEnv, compile: bool) -> dict:
-    "The model, optimizer and wrappers, built as `gpt2lib.train` builds them."
-    model, optimizer = build_model(cfg, env.device)
-    eval_model, step_model = wrap_model(model, compile, env)
-    return {
-        "model": model,
-        "optimizer": optimizer,
-        "eval_model": eval_model,
-        "step_model": step_model,
-        "autocast": autocast_for(env.device, cfg.precision),
-        "scaler": grad_scaler(env.device, choose_precision(env.device, cfg.precision)),
-        "done": 0,
-    }
-
-
-def one_step(cfg: TrainConfig, env: dist.DistEnv, parts: dict, loader) -> float:
-    "The run's next optimizer step (`gpt2lib.train.take_step`); its loss."
-    loss, _, _ = take_step(
-        cfg,
-        env,
-        parts["step_model"],
-        parts["optimizer"],
-        loader,
-        parts["done"],
-        parts["autocast"],
-        parts["scaler"],
-    )
-    parts["done"] += 1
-    return loss
-
-
-def timed_steps(
-    cfg: TrainConfig, env: dist.DistEnv, compile: bool, loader, n: int
-) -> dict:
-    """The run's parts after `n` + 1 optimizer steps (the first one warms up), with each
-    step's time."""
-    parts = build_parts(cfg, env, compile)
-    if env.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(env.device)
-    parts["times"] = []
-    for _ in range(n + 1):
-        t0 = time.perf_counter()
-        one_step(cfg, env, parts, loader)
-        parts["times"].append(time.perf_counter() - t0)
-    return parts
+def timed_steps(pf: Preflight) -> list[float]:
+    """`pf.steps` + 1 optimizer steps (the first one warms up) of a `Run` built as
+    `gpt2lib.train` builds it (`pf.run`); each step's seconds."""
+    pf.run = build_run(pf.cfg, pf.env, pf.compile, pf.loaders, pf.precision)
+    if pf.env.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(pf.env.device)
+    return [pf.run.take_step().seconds for _ in range(pf.steps + 1)]
 
 
 def step_rates(
@@ -243,58 +239,57 @@ def step_rates(
     )
 
 
-def check_step(
-    cfg: TrainConfig, env: dist.DistEnv, compile: bool, steps: int, found: dict
-) -> str:
+def out_of_memory(pf: Preflight) -> Failed:
+    "Out of memory at the run's micro-batch: which smaller one fits (the run's search)."
+    cfg, env = pf.cfg, pf.env
+    pf.run = None
+    release(env)
+    # gpt2lib.train's search, as --batch-size auto runs it
+    fits = largest_micro_batch(cfg, env, below=cfg.batch_size)
+    if fits is None:
+        return Failed(
+            f"out of memory at micro-batch {cfg.batch_size}, and no smaller one "
+            "that divides the budget fits",
+            "a smaller model, or a device with more memory",
+        )
+    accum = cfg.total_batch_size // (fits * cfg.block_size * env.world_size)
+    return Failed(
+        f"out of memory at micro-batch {cfg.batch_size}; {fits} fits",
+        f"--batch-size {fits} (gradient accumulation of {accum} micro-steps keeps "
+        f"total_batch_size {cfg.total_batch_size:,})",
+    )
+
+
+def check_step(pf: Preflight) -> str:
     "A few real optimizer steps: their time, tokens/s, MFU and peak memory."
+    cfg, env, m = pf.cfg, pf.env, pf.measured
     try:
-        run = timed_steps(cfg, env, compile, found["loader"], steps)
+        times = timed_steps(pf)
     except (RuntimeError, MemoryError) as err:
         if not is_out_of_memory(err):
             raise
-        release(env)
-        # gpt2lib.train's search, as --batch-size auto runs it
-        fits = largest_micro_batch(cfg, env, below=cfg.batch_size)
-        if fits is None:
-            raise Failed(
-                f"out of memory at micro-batch {cfg.batch_size}, and no smaller one "
-                "that divides the budget fits",
-                "a smaller model, or a device with more memory",
-            ) from None
-        accum = cfg.total_batch_size // (fits * cfg.block_size * env.world_size)
-        raise Failed(
-            f"out of memory at micro-batch {cfg.batch_size}; {fits} fits",
-            f"--batch-size {fits} (gradient accumulation of {accum} micro-steps keeps "
-            f"total_batch_size {cfg.total_batch_size:,})",
-        ) from None
-    step_s = statistics.median(run["times"][1:])
-    tokens_per_s, mfu = step_rates(
+        raise out_of_memory(pf) from None
+    m.step_s, m.first_step_s = statistics.median(times[1:]), times[0]
+    m.tokens_per_s, m.mfu = step_rates(
         cfg.total_batch_size,
-        step_s,
+        m.step_s,
         env.world_size,
         flops_per_token(cfg.model_config(), cfg.block_size),
-        found.get("peak_tflops"),
+        pf.peak_tflops,
     )
-    memory = (
-        torch.cuda.max_memory_allocated(env.device)
-        if env.device.startswith("cuda")
-        else None
-    )
-    found.update(
-        run=run,
-        step_s=step_s,
-        tokens_per_s=tokens_per_s,
-        mfu=mfu,
-        peak_memory=memory,
-        first_step_s=run["times"][0],
-    )
+    if env.device.startswith("cuda"):
+        m.peak_memory = torch.cuda.max_memory_allocated(env.device)
     return (
-        f"{steps} steps of {cfg.total_batch_size:,} tokens (micro-batch "
-        f"{cfg.batch_size}{', compiled' if compile else ''}): {step_s * 1000:,.0f} "
-        f"ms/step, {tokens_per_s:,.0f} tokens/s"
-        + (f", MFU {mfu:.1%}" if mfu is not None else "")
-        + (f", peak memory {memory / 2**30:.1f} GiB" if memory is not None else "")
-        + f"; the first step took {run['times'][0]:.1f} s"
+        f"{pf.steps} steps of {cfg.total_batch_size:,} tokens (micro-batch "
+        f"{cfg.batch_size}{', compiled' if pf.compile else ''}): "
+        f"{m.step_s * 1000:,.0f} ms/step, {m.tokens_per_s:,.0f} tokens/s"
+        + (f", MFU {m.mfu:.1%}" if m.mfu is not None else "")
+        + (
+            f", peak memory {m.peak_memory / 2**30:.1f} GiB"
+            if m.peak_memory is not None
+            else ""
+        )
+        + f"; the first step took {m.first_step_s:.1f} s"
     )
 
 # %% ../nbs/09_train.ipynb #p007
@@ -325,57 +320,34 @@ def scratch_directory(out: Path, env: dist.DistEnv) -> Path:
     return Path(path)
 
 
-def check_checkpoint(
-    cfg: TrainConfig, env: dist.DistEnv, compile: bool, out: Path, found: dict
-) -> str:
+def check_checkpoint(pf: Preflight) -> str:
     "Save, load as --resume does, two more steps on both: the same losses."
-    run, loader = found["run"], found["loader"]
-    scratch = scratch_directory(out, env)
+    cfg, env, run, m = pf.cfg, pf.env, pf.run, pf.measured
+    scratch = scratch_directory(pf.out, env)
     try:
         t0 = time.perf_counter()
         try:
-            Checkpointer(
-                scratch,
-                cfg,
-                env,
-                run["model"],
-                run["optimizer"],
-                loader,
-                keep=1,
-                scaler=run["scaler"],
-            ).save(run["done"])
+            Checkpointer(scratch, cfg, env, run.states(), keep=1).save(run.step)
         except OSError as err:
             raise Failed(
                 str(err), "a writable --out with room for the checkpoints"
             ) from None
-        found["save_s"] = time.perf_counter() - t0
-        found["checkpoint_bytes"] = dist.broadcast_object(
+        m.save_s = time.perf_counter() - t0
+        m.checkpoint_bytes = dist.broadcast_object(
             list_checkpoints(scratch)[-1].stat().st_size if env.is_main else None
         )
-        fresh, fresh_loader = build_parts(cfg, env, compile), make_loaders(cfg, env)[0]
-        fresh["done"] = Checkpointer(
-            scratch,
-            cfg,
-            env,
-            fresh["model"],
-            fresh["optimizer"],
-            fresh_loader,
-            scaler=fresh["scaler"],
-        ).restore(announce=False)
+        fresh = build_run(cfg, env, pf.compile, precision=pf.precision)
+        restored = Checkpointer(scratch, cfg, env, fresh.states())
+        fresh.step = restored.restore(announce=False)
         # two steps each: the first step's loss shows the weights, the second
         # the optimizer's state too
-        continued = [one_step(cfg, env, run, loader) for _ in range(2)]
-        resumed = [one_step(cfg, env, fresh, fresh_loader) for _ in range(2)]
+        continued = [run.take_step().loss for _ in range(2)]
+        resumed = [fresh.take_step().loss for _ in range(2)]
     finally:
         if env.is_main:
             shutil.rmtree(scratch, ignore_errors=True)
     exact = not env.device.startswith("cuda")
-    allowed = (
-        0.0
-        if exact
-        else REL_TOLERANCE[choose_precision(env.device, cfg.precision)]
-        * abs(continued[0])
-    )
+    allowed = 0.0 if exact else REL_TOLERANCE[run.precision.name] * abs(continued[0])
     differ = max(abs(r - c) for r, c in zip(resumed, continued))
     if differ > allowed:
         raise Failed(
@@ -384,8 +356,8 @@ def check_checkpoint(
             "a resume would not continue the run as it was: report this as a bug",
         )
     return (
-        f"{found['checkpoint_bytes'] / 2**20:,.1f} MiB written in "
-        f"{found['save_s']:.2f} s and read back as --resume reads it; the next two "
+        f"{m.checkpoint_bytes / 2**20:,.1f} MiB written in "
+        f"{m.save_s:.2f} s and read back as --resume reads it; the next two "
         "steps' losses "
         + (
             "are identical"
@@ -395,76 +367,30 @@ def check_checkpoint(
     )
 
 # %% ../nbs/09_train.ipynb #p008
-def check_evaluation(
-    cfg: TrainConfig, env: dist.DistEnv, hellaswag_examples: int, found: dict
-) -> str:
-    """One validation pass, a few HellaSwag examples and a sample, timed, through the
-    run's own code."""
-    run, parts = found["run"], []
-    if found["val_loader"] is not None:
-        t0 = time.perf_counter()
-        loss = validation_loss(
-            run["eval_model"],
-            found["val_loader"],
-            cfg.eval_batches,
-            env.device,
-            run["autocast"],
-        )
-        found["val_s"] = time.perf_counter() - t0
-        parts.append(
-            f"validation loss {loss:.3f} ({cfg.eval_batches} batches, "
-            f"{found['val_s']:.1f} s)"
-        )
-    if found["hellaswag"]:
-        some = found["hellaswag"][:hellaswag_examples]
-
-        def score():
-            return evaluate_hellaswag(
-                run["model"],
-                some,
-                env.device,
-                run["autocast"],
-                env.rank,
-                env.world_size,
-                progress=False,
-                max_tokens=cfg.batch_size * cfg.block_size,  # as the run scores them
-            )
-
-        # timed the second time: the first pays once for what the run pays once (new
-        # shapes' kernels, allocations), which on an H200 was most of its time
-        score()
-        t0 = time.perf_counter()
-        scores = score()
-        # per example on one rank: the ranks share them out, every world_size-th to
-        # each, and rank 0 has the most (the estimate shares out the whole set so)
-        found["hellaswag_s_per_example"] = (time.perf_counter() - t0) / len(
-            some[:: env.world_size]
-        )
-        found["hellaswag_warm"] = True  # reports without it timed the first call
-        parts.append(
-            f"HellaSwag on {scores['n']} examples "
-            f"({found['hellaswag_s_per_example'] * 1000:.2f} ms each"
-            + (f" on each of {env.world_size} ranks)" if env.world_size > 1 else ")")
-        )
+def time_evaluation(pf: Preflight, evaluation: Evaluation) -> tuple[dict, float]:
+    """What a trial of `evaluation` measured, and the seconds its whole call takes:
+    the trial is called twice and timed the second time (the first pays once for what
+    the run pays once: compiling, new shapes' kernels, allocations, which for HellaSwag
+    on an H200 was most of its time), then scaled to the whole."""
+    trial, scale = evaluation.trial(pf.hellaswag_examples, pf.env.world_size)
+    trial(pf.run, 0)
     t0 = time.perf_counter()
-    texts = (
-        complete(
-            run["model"],
-            cfg.sample_prompt,
-            cfg.num_samples,
-            cfg.sample_tokens,
-            seed=cfg.seed,
-        )
-        if env.is_main
-        else []
-    )
-    found["sample_s"] = time.perf_counter() - t0
-    parts.append(
-        f"{len(texts)} samples ({found['sample_s']:.1f} s)"
-        if env.is_main
-        else "samples on rank 0"
-    )
-    return "; ".join(parts)
+    result = trial(pf.run, 0)
+    return result, (time.perf_counter() - t0) * scale
+
+
+def check_evaluation(pf: Preflight) -> str:
+    """Each of the run's evaluations through its own code, timed (`time_evaluation`)."""
+    parts = []
+    for evaluation in pf.evaluations:
+        result, seconds = time_evaluation(pf, evaluation)
+        pf.measured.evaluation_s[evaluation.name] = seconds
+        said = [
+            f"{key} {value:.3f}" for key, value in result.items() if key != "samples"
+        ]
+        said += [f"{len(result['samples'])} samples"] if "samples" in result else []
+        parts.append(f"{evaluation.name} {seconds:.2f} s ({', '.join(said) or '-'})")
+    return "; ".join(parts) or "no evaluations"
 
 # %% ../nbs/09_train.ipynb #p010
 def duration(seconds: float) -> str:
@@ -480,56 +406,46 @@ def duration(seconds: float) -> str:
     )
 
 
-def run_time(
-    cfg: TrainConfig, world_size: int, measured: dict, hellaswag_examples: int
-) -> dict:
+def run_time(cfg: TrainConfig, measured: dict) -> dict:
     """The whole run's wall time from what was measured: `measured` holds step_s,
-    first_step_s, sample_s, save_s, and val_s and hellaswag_s_per_example (one rank's
-    time per example) when the run has them; the run's `hellaswag_examples` are
-    shared out between its `world_size` ranks. Each event is counted as the run
-    counts it (`run_events`): {"seconds", "parts", "events"}."""
+    first_step_s, save_s, and evaluation_s, the seconds of each evaluation's whole
+    call by name. Each event is counted as the run counts it (`run_events`):
+    {"seconds", "parts", "events"}."""
     events = run_events(cfg)
-    hellaswag_s = measured.get("hellaswag_s_per_example") or 0.0
-    each_evaluation = (
-        measured.get("val_s") or 0.0
-    ) + hellaswag_s * hellaswag_examples / world_size
-    parts = {
-        "steps": cfg.max_steps * measured["step_s"],
-        "evaluations": events["evaluations"] * each_evaluation,
-        "samples": events["samples"] * measured["sample_s"],
-        "checkpoints": events["checkpoints"] * measured["save_s"],
-        "start-up": measured["first_step_s"],
-    }
+    each = measured["evaluation_s"]
+    parts = {"steps": cfg.max_steps * measured["step_s"]}
+    parts |= {name: events[name] * each.get(name, 0.0) for name in each}
+    parts["checkpoints"] = events["checkpoints"] * measured["save_s"]
+    parts["start-up"] = measured["first_step_s"]
     return {"seconds": sum(parts.values()), "parts": parts, "events": events}
 
 
-def estimate(
-    cfg: TrainConfig, env: dist.DistEnv, out: Path, found: dict
-) -> tuple[str, dict]:
+def check_estimate(pf: Preflight) -> str:
     "The whole run's wall time (`run_time`) and disk, from what the checks measured."
-    timed = run_time(cfg, env.world_size, found, len(found["hellaswag"] or []))
+    cfg, m = pf.cfg, pf.measured
+    timed = run_time(cfg, asdict(m))
     total, parts = timed["seconds"], timed["parts"]
-    disk = cfg.keep_checkpoints * found["checkpoint_bytes"]
-    free = shutil.disk_usage(out).free
-    result = {
+    disk = cfg.keep_checkpoints * m.checkpoint_bytes
+    free = shutil.disk_usage(pf.out).free
+    pf.estimate = {
         "seconds": total,
         "parts": parts,
         "events": timed["events"],  # how many of each the run makes
-        "tokens_per_s": found["tokens_per_s"],
+        "tokens_per_s": m.tokens_per_s,
         "disk_bytes": disk,
         "free_bytes": free,
     }
-    found["warning"] = disk > free
+    pf.warning = disk > free
     text = (
         f"the whole run takes about {duration(total)} ("
         + ", ".join(f"{name} {duration(seconds)}" for name, seconds in parts.items())
-        + f") at {found['tokens_per_s']:,.0f} tokens/s; "
+        + f") at {m.tokens_per_s:,.0f} tokens/s; "
         f"its {cfg.keep_checkpoints} checkpoints need "
         f"{disk / 2**30:,.2f} GiB, {free / 2**30:,.0f} GiB are free"
     )
     if disk > free:
         text += ": NOT ENOUGH for the checkpoints"
-    return text, result
+    return text
 
 # %% ../nbs/09_train.ipynb #p010a
 import re
@@ -616,6 +532,56 @@ def write_report(report: dict, out: Path, path=None, echo=print) -> None:
         )
 
 
+# The checks in order: (name, the function, the earlier checks it needs to have
+# passed: it is skipped after their failure)
+CHECKS = (
+    ("environment", check_environment, ()),
+    ("precision", check_precision, ()),
+    ("data", check_data, ("precision",)),
+    ("evaluations", check_evaluations, ()),
+    ("step", check_step, ("data",)),
+    ("checkpoint", check_checkpoint, ("step",)),
+    ("evaluation", check_evaluation, ("step", "evaluations")),
+    ("estimate", check_estimate, ("step", "checkpoint", "evaluation")),
+)
+
+
+def attempt(pf: Preflight, name: str, fn) -> Check:
+    "One check's line: ok or warning with its details, or failed with why and a fix."
+    pf.warning = False
+    try:
+        detail = fn(pf)
+        return Check(name, "warning" if pf.warning else "ok", detail)
+    except Failed as failed:
+        return Check(name, "failed", failed.detail, failed.fix)
+    except USER_ERRORS as err:
+        return Check(name, "failed", one_line(err))
+    except Exception as err:  # a bug: show where, and try the other checks
+        if not is_out_of_memory(err):
+            traceback.print_exc()
+        why = "out of memory" if is_out_of_memory(err) else "a bug in gpt2lib"
+        return Check(name, "failed", f"{why}: {type(err).__name__}: {one_line(err)}")
+
+
+def run_checks(pf: Preflight, checks=CHECKS, echo=print) -> list[Check]:
+    """Each of `checks` in order, said with `echo` on rank 0; one whose needs did not
+    pass is skipped. A need that names no earlier check is a bug, said at once."""
+    done, passed = [], set()
+    for name, fn, needs in checks:
+        unknown = set(needs) - {check.name for check in done}
+        if unknown:
+            raise ValueError(f"check {name} needs {sorted(unknown)}: no earlier check")
+        if not set(needs) <= passed:
+            done.append(Check(name, "skipped", "an earlier check failed"))
+        else:
+            done.append(attempt(pf, name, fn))
+        if done[-1].status in ("ok", "warning"):
+            passed.add(name)
+        if pf.env.is_main:
+            echo(done[-1].line())
+    return done
+
+
 def preflight(
     cfg: TrainConfig,
     out,
@@ -632,96 +598,20 @@ def preflight(
     env = env or dist.DistEnv(device=resolve_device(device))
     cfg.validate(env.world_size)
     compile = gpu_defaults(env, compile)
-    out, found, checks = Path(out), {}, []
-
-    def check(name, fn, *needs):
-        if any(need not in found for need in needs):
-            checks.append(Check(name, "skipped", "an earlier check failed"))
-        else:
-            found.pop("warning", None)
-            try:
-                detail = fn()
-                checks.append(
-                    Check(
-                        name, "warning" if found.pop("warning", False) else "ok", detail
-                    )
-                )
-            except Failed as failed:
-                checks.append(Check(name, "failed", failed.detail, failed.fix))
-            except USER_ERRORS as err:
-                checks.append(Check(name, "failed", one_line(err)))
-            except Exception as err:  # a bug: show where, and try the other checks
-                if not is_out_of_memory(err):
-                    traceback.print_exc()
-                why = "out of memory" if is_out_of_memory(err) else "a bug in gpt2lib"
-                checks.append(
-                    Check(
-                        name, "failed", f"{why}: {type(err).__name__}: {one_line(err)}"
-                    )
-                )
-        if env.is_main:
-            echo(checks[-1].line())
-
-    def check_precision():
-        "The run's precision on this device, and its micro-batch (chosen if auto)."
-        nonlocal cfg
-        chosen = choose_precision(env.device, cfg.precision)
-        auto = cfg.batch_size == "auto"
-        cfg = fit_batch_size(cfg, env, echo=lambda text: None)
-        found["precision"] = chosen
-        return f"{describe_precision(env.device, chosen)}; micro-batch " + (
-            f"{cfg.batch_size} (auto: the largest that fits)"
-            if auto
-            else f"{cfg.batch_size}"
-        )
-
-    check("environment", lambda: check_environment(env, found))
-    check("precision", check_precision)
-    check("data", lambda: check_data(cfg, env, found), "precision")
-    check("hellaswag", lambda: check_hellaswag(cfg, found))
-    check("step", lambda: check_step(cfg, env, compile, steps, found), "loader")
-    check("checkpoint", lambda: check_checkpoint(cfg, env, compile, out, found), "run")
-    check(
-        "evaluation",
-        lambda: check_evaluation(cfg, env, hellaswag_examples, found),
-        "run",
-        "hellaswag",
-    )
-    result = {}
-
-    def run_estimate():
-        text, numbers = estimate(cfg, env, out, found)
-        result.update(numbers)
-        return text
-
-    check("estimate", run_estimate, "step_s", "save_s", "sample_s")
+    pf = Preflight(cfg, env, compile, Path(out), steps, hellaswag_examples)
+    checks = run_checks(pf, echo=echo)
     report = {
         "checks": [asdict(c) for c in checks],
         "passed": all(c.status in ("ok", "warning") for c in checks),
-        "estimate": result,
-        "config": asdict(cfg),
+        "estimate": pf.estimate,
+        "config": asdict(pf.cfg),
         "world_size": env.world_size,
         "compile": compile,
-        "measured": {
-            k: found.get(k)
-            for k in (
-                "step_s",
-                "tokens_per_s",
-                "mfu",
-                "peak_memory",
-                "first_step_s",
-                "save_s",
-                "checkpoint_bytes",
-                "val_s",
-                "hellaswag_s_per_example",
-                "hellaswag_warm",
-                "sample_s",
-            )
-        },
+        "measured": asdict(pf.measured),
         **provenance(env.device),
     }
     if env.is_main:
-        write_report(report, out, report_path, echo)
+        write_report(report, pf.out, report_path, echo)
     return report
 
 # %% ../nbs/09_train.ipynb #p014

@@ -208,6 +208,9 @@ class RunDir:
     def log_samples(self, step: int, texts: list[str]) -> None:
         self._append(self.samples_path, {"step": step, "samples": texts})
 
+    def close(self) -> None:
+        "Nothing to close (a `Logger` like the others): each entry is written at once."
+
     def _append(self, path: Path, entry: dict) -> None:
         if not self.main:
             return

@@ -8,14 +8,15 @@ result, and one-line errors for the commands."""
 __all__ = [
     'PRECISIONS', 'AUTOCAST_DTYPES', 'LOCK_NAME', 'CPU_FLAGS', 'USER_ERRORS',
     'EXIT_INTERRUPTED', 'UserError', 'default_device', 'resolve_device', 'bf16_native',
-    'choose_precision', 'describe_precision', 'autocast_for', 'grad_scaler', 'set_tf32',
-    'atomic_write', 'DirectoryLocked', 'lock_directory', 'cpu_info', 'device_name',
-    'git_state', 'provenance', 'is_out_of_memory', 'one_line', 'command_name',
-    'run_command'
+    'choose_precision', 'describe_precision', 'autocast_for', 'grad_scaler',
+    'Precision', 'set_tf32', 'atomic_write', 'DirectoryLocked', 'lock_directory',
+    'cpu_info', 'device_name', 'git_state', 'provenance', 'is_out_of_memory',
+    'one_line', 'command_name', 'run_command'
 ]
 
 # %% ../nbs/00_runtime.ipynb #c003
 import contextlib
+import dataclasses
 import datetime
 import functools
 import os
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -162,6 +164,36 @@ def grad_scaler(device, chosen: str) -> torch.amp.GradScaler:
     """The gradient scaler of a run in `chosen` precision: active for fp16, a
     pass-through otherwise (its `state_dict()` is then empty)."""
     return torch.amp.GradScaler(torch.device(device).type, enabled=chosen == "fp16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """What a run computes in, decided once: `name` ("bf16", "fp16" or "fp32", from
+    `choose_precision`), the factory of autocast contexts that its steps and
+    evaluations enter, and its gradient scaler (active for fp16, a pass-through
+    otherwise)."""
+
+    device: str
+    name: str
+    autocast: Callable
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def of(cls, device, asked: str = "auto") -> "Precision":
+        "The precision a run that asks for `asked` gets on `device`."
+        name = choose_precision(device, asked)
+        autocast = autocast_for(
+            device, AUTOCAST_DTYPES[name]
+        )  # decided: not asked again
+        return cls(str(device), name, autocast, grad_scaler(device, name))
+
+    @property
+    def scaled(self) -> bool:
+        "Whether gradients are scaled (fp16): a step may be skipped on an overflow."
+        return self.scaler.is_enabled()
+
+    def describe(self) -> str:
+        return describe_precision(self.device, self.name)
 
 
 def set_tf32(on: bool) -> None:

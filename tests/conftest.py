@@ -123,7 +123,8 @@ def gpt2_vocab_hf(tmp_path_factory):
 def finished_run(tmp_path_factory):
     """A finished smoke run (checkpoints at steps 3 and 6, log, samples, summary), one
     per test module: the hostile tests copy it rather than change it."""
-    from gpt2lib.train import PRESETS, train
+    from gpt2lib.config import PRESETS
+    from gpt2lib.train import train
 
     out = tmp_path_factory.mktemp("finished") / "run"
     train(PRESETS["smoke"], out, device="cpu", progress=False)

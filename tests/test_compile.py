@@ -3,7 +3,9 @@
 
 import pytest
 
-from gpt2lib.train import PRESETS, train
+from gpt2lib.config import PRESETS
+
+from gpt2lib.train import train
 from gpt2lib.rundir import read_log
 
 SMOKE = PRESETS["smoke"]

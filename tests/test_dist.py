@@ -18,7 +18,8 @@ import torch
 from conftest import MODERN_RECIPE, as_cli
 from gpt2lib import dist
 from gpt2lib.checkpoint import list_checkpoints
-from gpt2lib.train import PRESETS, train
+from gpt2lib.config import PRESETS
+from gpt2lib.train import train
 from gpt2lib.rundir import read_log
 from gpt2lib.runtime import UserError
 

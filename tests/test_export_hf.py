@@ -13,7 +13,8 @@ from gpt2lib.checkpoint import load_model
 from gpt2lib.export_hf import export_hf, main
 from gpt2lib.hf import convert_hf_state_dict, hf_config, to_hf_state_dict
 from gpt2lib.model import GPT, GPTConfig
-from gpt2lib.train import PRESETS, train
+from gpt2lib.config import PRESETS
+from gpt2lib.train import train
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ from gpt2lib.fineweb import (
 )
 from gpt2lib.runtime import UserError
 from gpt2lib.tokenizer import EOT_TOKEN, get_encoding
-from gpt2lib.train import TrainConfig, load_data
+from gpt2lib.config import TrainConfig
+from gpt2lib.run import load_data
 
 SHARD = 1000  # tokens per shard: small, so documents cross shard boundaries
 

@@ -24,11 +24,13 @@ import torch
 
 from gpt2lib import bench, evaluate, export_hf, fineweb, rundir, sample
 from gpt2lib import checkpoint as checkpoint_module
+from gpt2lib import optim
 from gpt2lib import train as train_module
 from gpt2lib.checkpoint import list_checkpoints, read_checkpoint
 from gpt2lib.rundir import read_log
 from gpt2lib.runtime import lock_directory
-from gpt2lib.train import PRESETS, train
+from gpt2lib.config import PRESETS, config_from_args
+from gpt2lib.train import train
 
 SMOKE = PRESETS["smoke"]
 HANDMADE = str(files("gpt2lib") / "assets" / "hellaswag_handmade.jsonl")
@@ -785,7 +787,7 @@ def test_batch_size_auto_where_not_even_one_sequence_fits(world, capsys, monkeyp
     def no_memory(*args, **kwargs):  # as if the device had no memory to spare
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_module, "train_step", no_memory)
+    monkeypatch.setattr(optim, "train_step", no_memory)
     before = snapshot(world["TMP"])
     status, message = run(
         "train",
@@ -805,7 +807,9 @@ def test_a_precision_the_device_cannot_run_is_refused_first(world, capsys, monke
     read: run on any machine by letting the command believe it has mps."""
     from gpt2lib import dist
 
-    for module in (train_module, dist):
+    from gpt2lib import cli
+
+    for module in (cli, train_module, dist):
         monkeypatch.setattr(module, "resolve_device", lambda name: name)
     monkeypatch.setattr(train_module, "make_loaders", None)  # never reached
     before = snapshot(world["TMP"])
@@ -1243,7 +1247,7 @@ def test_a_broken_torchrun_environment_is_named(
 def test_ctrl_c_on_the_last_step_still_stops_with_130_and_resume_finishes(
     tmp_path, finished_run, monkeypatch, capsys
 ):
-    real_step, calls = train_module.train_step, []
+    real_step, calls = optim.train_step, []
 
     def interrupted_at_the_last_step(*args, **kwargs):
         calls.append(1)
@@ -1253,7 +1257,7 @@ def test_ctrl_c_on_the_last_step_still_stops_with_130_and_resume_finishes(
             )  # as a user's Ctrl-C during the last step
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", interrupted_at_the_last_step)
+    monkeypatch.setattr(optim, "train_step", interrupted_at_the_last_step)
     status, _ = run(
         "train",
         ["--preset", "smoke", "--out", tmp_path, "--device", "cpu", "--no-progress"],
@@ -1556,7 +1560,7 @@ def test_a_presets_muon_settings_do_not_stop_adamw():
     args = train_module.parse_args(
         ["--preset", "gpt2-124m-speedrun", "--optimizer", "adamw"]
     )
-    cfg = train_module.config_from_args(args).validate()
+    cfg = config_from_args(args).validate()
     assert (
         cfg.optimizer == "adamw"
         and cfg.muon_lr == PRESETS["gpt2-124m-speedrun"].muon_lr
@@ -1571,7 +1575,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_out_free(
 
     out = tmp_path / "run"
     args = ["--preset", "smoke", "--out", out, "--device", "cpu", "--no-progress"]
-    monkeypatch.setattr(train_module, "train_step", bug)
+    monkeypatch.setattr(optim, "train_step", bug)
     records = []
     for attempt in (1, 2):  # a second failure keeps the first one's record
         status, message = run("train", args, capsys)
@@ -1622,7 +1626,7 @@ def test_a_cpu_out_of_memory_is_named_by_the_preflight_and_the_trainer(
     """What the CPU allocator raises (a RuntimeError, not torch.OutOfMemoryError) is
     out of memory too: the preflight names the micro-batch that fits, gpt2-train ends
     with its out-of-memory line."""
-    real_step = train_module.train_step
+    real_step = optim.train_step
 
     def small_memory(model, optimizer, batches, *args, **kwargs):
         if batches[0][0].size(0) > 2:  # as if only 2 sequences fitted
@@ -1633,7 +1637,7 @@ def test_a_cpu_out_of_memory_is_named_by_the_preflight_and_the_trainer(
             )
         return real_step(model, optimizer, batches, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", small_memory)
+    monkeypatch.setattr(optim, "train_step", small_memory)
     status, _, lines = run_preflight(
         ["--preset", "smoke", "--out", tmp_path / "preflight"], capsys
     )

@@ -25,7 +25,8 @@ from gpt2lib.checkpoint import (
 from gpt2lib.fineweb import MANIFEST, tokenize_doc
 from gpt2lib.model import MIN_TEMPERATURE, sample_next
 from gpt2lib.runtime import UserError
-from gpt2lib.train import PRESETS, train
+from gpt2lib.config import PRESETS
+from gpt2lib.train import train
 
 SMOKE = PRESETS["smoke"]
 

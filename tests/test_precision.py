@@ -43,7 +43,8 @@ from gpt2lib.runtime import (
     describe_precision,
     grad_scaler,
 )
-from gpt2lib.train import PRESETS, train
+from gpt2lib.config import PRESETS
+from gpt2lib.train import train
 
 BF16 = REL_TOLERANCE["bf16"]
 FP16 = REL_TOLERANCE["fp16"]

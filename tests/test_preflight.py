@@ -8,23 +8,25 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import gpt2lib.checkpoint as checkpoint_module
-import gpt2lib.train as train_module
+import gpt2lib.optim as optim
 from gpt2lib.preflight import preflight
 from gpt2lib.runtime import lock_directory
-from gpt2lib.train import PRESETS, train
+from gpt2lib.config import PRESETS
+from gpt2lib.train import train
 
 SMOKE = PRESETS["smoke"]
 CHECKS = [
     "environment",
     "precision",
     "data",
-    "hellaswag",
+    "evaluations",
     "step",
     "checkpoint",
     "evaluation",
@@ -109,7 +111,7 @@ def test_too_few_tokens(tmp_path):
 
 
 def test_out_of_memory_names_the_micro_batch_that_fits(tmp_path, monkeypatch):
-    real_step = train_module.train_step
+    real_step = optim.train_step
 
     def small_memory(model, optimizer, batches, *args, **kwargs):
         if (
@@ -120,7 +122,7 @@ def test_out_of_memory_names_the_micro_batch_that_fits(tmp_path, monkeypatch):
             )
         return real_step(model, optimizer, batches, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", small_memory)
+    monkeypatch.setattr(optim, "train_step", small_memory)
     check = failed(quiet(SMOKE, tmp_path / "run"), "step")
     assert check["detail"] == "out of memory at micro-batch 4; 2 fits"
     assert (
@@ -224,14 +226,14 @@ def test_command_line_and_two_processes(tmp_path):
 
 
 def test_batch_size_auto_is_chosen_by_the_same_search_as_the_run(tmp_path, monkeypatch):
-    real_step = train_module.train_step
+    real_step = optim.train_step
 
     def small_memory(model, optimizer, batches, *args, **kwargs):
         if batches[0][0].size(0) > 2:  # as if more than 2 sequences did not fit
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
         return real_step(model, optimizer, batches, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", small_memory)
+    monkeypatch.setattr(optim, "train_step", small_memory)
     report = quiet(dataclasses.replace(SMOKE, batch_size="auto"), tmp_path / "run")
     check = next(c for c in report["checks"] if c["name"] == "precision")
     assert check["detail"] == "fp32; micro-batch 2 (auto: the largest that fits)"
@@ -272,7 +274,7 @@ def test_the_estimate_counts_what_the_training_loop_does(tmp_path):
     estimate multiplies (the end evaluates, samples and saves once more)."""
     from gpt2lib.checkpoint import checkpoint_step, list_checkpoints
     from gpt2lib.rundir import read_log
-    from gpt2lib.train import run_events
+    from gpt2lib.evaluations import run_events
 
     cfg = dataclasses.replace(
         SMOKE, max_steps=7, eval_every=3, sample_every=2, checkpoint_every=7
@@ -282,7 +284,12 @@ def test_the_estimate_counts_what_the_training_loop_does(tmp_path):
     sampled = [e["step"] for e in read_log(tmp_path / "samples.jsonl")]
     saved = [checkpoint_step(p) for p in list_checkpoints(tmp_path)]
     assert (evaluated, sampled, saved) == ([0, 3, 6, 7], [2, 4, 6, 7], [7])
-    assert run_events(cfg) == {"evaluations": 4, "samples": 4, "checkpoints": 1}
+    assert run_events(cfg) == {
+        "val_loss": 4,
+        "hellaswag": 0,  # off
+        "samples": 4,
+        "checkpoints": 1,
+    }
 
 
 def test_the_estimate_adds_up_every_term_by_hand():
@@ -292,20 +299,25 @@ def test_the_estimate_adds_up_every_term_by_hand():
     measured = {
         "step_s": 0.25,
         "first_step_s": 40.0,
-        "val_s": 20.0,
-        "hellaswag_s_per_example": 0.004,  # on one rank
-        "sample_s": 0.5,
+        # a validation pass; HellaSwag's 10,042 examples at 0.004 s each, 10,042 / 8
+        # on each rank (`HellaSwag.trial` scales so); a set of samples
+        "evaluation_s": {"val_loss": 20.0, "hellaswag": 5.021, "samples": 0.5},
         "save_s": 3.0,
     }
     # gpt2-124m, 19,073 steps: evaluations at steps 0, 250, ..., 19,000 (77) and at
     # the end (78); samples at 250, ..., 19,000 (76) and at the end (77); checkpoints
-    # after 5,000, 10,000, 15,000 and 19,073 (4). Each evaluation: the validation pass
-    # and 10,042 / 8 HellaSwag examples on each rank, 20 + 5.021 s.
-    full = run_time(PRESETS["gpt2-124m"], 8, measured, 10042)
-    assert full["events"] == {"evaluations": 78, "samples": 77, "checkpoints": 4}
+    # after 5,000, 10,000, 15,000 and 19,073 (4).
+    full = run_time(PRESETS["gpt2-124m"], measured)
+    assert full["events"] == {
+        "val_loss": 78,
+        "hellaswag": 78,
+        "samples": 77,
+        "checkpoints": 4,
+    }
     by_hand = {
         "steps": 4768.25,  # 19,073 × 0.25
-        "evaluations": 1951.638,  # 78 × 25.021
+        "val_loss": 1560.0,  # 78 × 20
+        "hellaswag": 391.638,  # 78 × 5.021
         "samples": 38.5,  # 77 × 0.5
         "checkpoints": 12.0,  # 4 × 3
         "start-up": 40.0,
@@ -316,12 +328,18 @@ def test_the_estimate_adds_up_every_term_by_hand():
     # the speedrun, 5,000 steps: evaluations at 0, 125, ..., 4,875 (40) and the end
     # (41); samples at 1,000, ..., 4,000 and the end (5); checkpoints after 1,000,
     # ..., 5,000 (5: the last is one of them)
-    fast = run_time(PRESETS["gpt2-124m-speedrun"], 8, measured, 10042)
-    assert fast["events"] == {"evaluations": 41, "samples": 5, "checkpoints": 5}
+    fast = run_time(PRESETS["gpt2-124m-speedrun"], measured)
+    assert fast["events"] == {
+        "val_loss": 41,
+        "hellaswag": 41,
+        "samples": 5,
+        "checkpoints": 5,
+    }
     assert fast["parts"] == pytest.approx(
         {
             "steps": 1250.0,  # 5,000 × 0.25
-            "evaluations": 1025.861,  # 41 × 25.021
+            "val_loss": 820.0,  # 41 × 20
+            "hellaswag": 205.861,  # 41 × 5.021
             "samples": 2.5,
             "checkpoints": 15.0,
             "start-up": 40.0,
@@ -329,8 +347,13 @@ def test_the_estimate_adds_up_every_term_by_hand():
         rel=1e-12,  # as above
     )
     # no validation split and no HellaSwag: the evaluations cost nothing
-    bare = {**measured, "val_s": None, "hellaswag_s_per_example": None}
-    assert run_time(PRESETS["gpt2-124m"], 8, bare, 0)["parts"]["evaluations"] == 0
+    bare = {**measured, "evaluation_s": {"samples": 0.5}}
+    assert set(run_time(PRESETS["gpt2-124m"], bare)["parts"]) == {
+        "steps",
+        "samples",
+        "checkpoints",
+        "start-up",
+    }
 
 
 def test_mfu_is_per_gpu_by_hand():
@@ -345,12 +368,15 @@ def test_mfu_is_per_gpu_by_hand():
 
 
 def test_hellaswag_is_timed_per_example_on_one_rank(monkeypatch):
-    """On 2 ranks, rank 0 scores examples 0, 2 and 4 of 5: at a made-up 0.5 s each,
-    1.5 s, which is 0.5 s per example of its share (not 0.3 s, per example of all)."""
+    """On 2 ranks, rank 0 scores examples 0, 2 and 4 of a trial of 5: at a made-up
+    0.5 s each, 1.5 s, which is 0.5 s per example of its share (not 0.3 s, per example
+    of all); the whole set of 7 takes 3.5 examples' time on each rank: 1.75 s."""
     from types import SimpleNamespace
 
+    import gpt2lib.evaluations as evaluations_module
     import gpt2lib.preflight as preflight_module
     from gpt2lib.dist import DistEnv
+    from gpt2lib.evaluations import HellaSwag
 
     clock = [0.0]
 
@@ -358,15 +384,13 @@ def test_hellaswag_is_timed_per_example_on_one_rank(monkeypatch):
         clock[0] += 0.5 * len(examples[rank::world_size])
         return {"n": len(examples), "acc": 0.0, "acc_norm": 0.0}
 
-    monkeypatch.setattr(preflight_module, "evaluate_hellaswag", score)
-    monkeypatch.setattr(preflight_module, "complete", lambda *args, **kwargs: ["x"])
+    monkeypatch.setattr(evaluations_module, "evaluate_hellaswag", score)
     monkeypatch.setattr(
         preflight_module, "time", SimpleNamespace(perf_counter=lambda: clock[0])
     )
-    found = {
-        "run": {"model": None, "eval_model": None, "autocast": None},
-        "val_loader": None,
-        "hellaswag": [{}] * 7,
-    }
-    preflight_module.check_evaluation(SMOKE, DistEnv(world_size=2), 5, found)
-    assert found["hellaswag_s_per_example"] == 0.5  # exact: 1.5 / 3 of binary halves
+    env = DistEnv(world_size=2)
+    run = SimpleNamespace(model=None, env=env, precision=SimpleNamespace(autocast=None))
+    pf = preflight_module.Preflight(SMOKE, env, False, Path("."), hellaswag_examples=5)
+    pf.run = run
+    _, seconds = preflight_module.time_evaluation(pf, HellaSwag(SMOKE, [{}] * 7))
+    assert seconds == 1.75  # exact: 1.5 / 3 × 3.5, binary halves

@@ -3,7 +3,7 @@ package has."""
 
 from pathlib import Path
 
-from gpt2lib.train import GPT2_124M_COMMANDS
+from gpt2lib.cli import GPT2_124M_COMMANDS
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 

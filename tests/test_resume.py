@@ -21,7 +21,8 @@ from gpt2lib.dist import DistEnv
 from gpt2lib.model import GPT, GPTConfig
 from gpt2lib.optim import configure_optimizer
 from gpt2lib.rundir import read_log
-from gpt2lib.train import PRESETS, train
+from gpt2lib.config import PRESETS
+from gpt2lib.train import train
 
 SMOKE = PRESETS["smoke"]
 TINY = GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=16)
@@ -135,7 +136,7 @@ def test_the_machine_not_the_checkpoint_decides_fused_adamw(saved_fused, live_fu
 def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     model = GPT(TINY)
     opt = configure_optimizer(model)
-    ckpt = Checkpointer(tmp_path, SMOKE, DistEnv(), model, opt, loader=None, every=1)
+    ckpt = Checkpointer(tmp_path, SMOKE, DistEnv(), {"model": model, "optimizer": opt})
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     with pytest.raises(
@@ -189,10 +190,10 @@ def test_an_fp16_run_resumes_bit_for_bit_with_its_gradient_scale(tmp_path, monke
     state. A scaler that grows every step (GradScaler's default waits 2,000) makes the
     scale of step 3 differ from a fresh scaler's, so a resume that forgot it would log
     another scale (and, once a gradient overflows, skip other steps)."""
-    from gpt2lib import train as train_module
+    from gpt2lib import runtime
 
     monkeypatch.setattr(
-        train_module,
+        runtime,
         "grad_scaler",
         lambda device, chosen: torch.amp.GradScaler(
             "cpu", enabled=chosen == "fp16", growth_interval=1

@@ -69,7 +69,8 @@ def test_samples_from_a_training_checkpoint_and_a_run_directory(tmp_path):
     """gpt2-sample takes what gpt2-evaluate and gpt2-export-hf take: checkpoints and run
     directories too."""
     from gpt2lib.checkpoint import list_checkpoints
-    from gpt2lib.train import PRESETS, train
+    from gpt2lib.config import PRESETS
+    from gpt2lib.train import train
 
     train(PRESETS["smoke"], tmp_path, device="cpu", progress=False)
     for model in (tmp_path, list_checkpoints(tmp_path)[0]):

@@ -75,3 +75,36 @@ def test_pages_workflow_is_a_valid_workflow():
         text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# Jupyter Book's cell tags that keep a cell's code off the page (collapsed behind a
+# button, or removed): the machinery a reader can open but does not have to read.
+HIDDEN_TAGS = {"hide-input", "hide-cell", "remove-input", "remove-cell"}
+
+
+def visible_code(path: Path) -> list[int]:
+    "The line counts of the code cells a reader of the rendered chapter sees."
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    return [
+        len("".join(cell["source"]).splitlines())
+        for cell in cells
+        if cell["cell_type"] == "code"
+        and not HIDDEN_TAGS & set(cell.get("metadata", {}).get("tags", []))
+    ]
+
+
+def test_chapter_9_shows_the_parts_not_the_machinery():
+    """Chapter 9 shows under 600 lines of code (the loop, the `Run`, the evaluation
+    part, the coordinator and the demonstrations), no cell over 80; the rest of what
+    it exports is one click away."""
+    shown = visible_code(ROOT / "nbs" / "09_train.ipynb")
+    assert sum(shown) < 600 and max(shown) <= 80, (sum(shown), max(shown))
+
+
+def test_visible_code_counts_only_what_is_not_hidden(tmp_path):
+    cell = {"cell_type": "code", "source": ["a = 1\n", "b = 2"], "metadata": {}}
+    hidden = {**cell, "metadata": {"tags": ["hide-input"]}}
+    text = {"cell_type": "markdown", "source": ["# a\n", "b"], "metadata": {}}
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps({"cells": [cell, hidden, text]}))
+    assert visible_code(path) == [2]

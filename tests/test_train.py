@@ -15,7 +15,8 @@ from gpt2lib.checkpoint import (
 )
 from gpt2lib.data import DataLoader
 from gpt2lib.evaluate import validation_loss
-from gpt2lib.train import PRESETS, train
+from gpt2lib.config import PRESETS
+from gpt2lib.train import train
 from gpt2lib.rundir import read_log
 from gpt2lib.runtime import UserError
 
@@ -340,7 +341,7 @@ def test_fineweb_preset_without_shards_says_what_to_run(tmp_path):
 
 def test_the_micro_batch_search_tries_the_divisors_of_the_budget_largest_first():
     from gpt2lib.dist import DistEnv
-    from gpt2lib.train import (
+    from gpt2lib.memory import (
         CPU_AUTO_LIMIT,
         largest_micro_batch,
         micro_batch_candidates,
@@ -374,7 +375,7 @@ def test_the_micro_batch_divides_the_budget_on_every_rank(world_size):
     8 ranks take 5 (15 each, 3 micro-steps); under every limit, the largest that
     divides and fits."""
     from gpt2lib.dist import DistEnv
-    from gpt2lib.train import largest_micro_batch
+    from gpt2lib.memory import largest_micro_batch
 
     cfg = dataclasses.replace(PRESETS["gpt2-124m"], total_batch_size=120 * 1024)
     env = DistEnv(world_size=world_size, device="cuda")  # `fits` decides: no GPU used
@@ -396,16 +397,16 @@ def test_batch_size_auto_keeps_the_budget_by_accumulation(
     """On out of memory above 2 sequences, "auto" trains with micro-batches of 2 and 4
     micro-steps: the same steps as the smoke preset's 4 × 2, up to fp32 rounding of
     the other order of summation (bench's fp32 tolerance, 1e-5 of the loss)."""
-    from gpt2lib import train as train_module
+    from gpt2lib import optim
 
-    real_step = train_module.train_step
+    real_step = optim.train_step
 
     def small_memory(model, optimizer, batches, *args, **kwargs):
         if batches[0][0].size(0) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
         return real_step(model, optimizer, batches, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", small_memory)
+    monkeypatch.setattr(optim, "train_step", small_memory)
     auto = dataclasses.replace(SMOKE, batch_size="auto")
     summary = train(auto, tmp_path, device="cpu", progress=False)
     assert summary["batch_size"] == 2

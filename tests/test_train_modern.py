@@ -18,7 +18,8 @@ from gpt2lib.checkpoint import (
 from gpt2lib.modern import ModernGPT
 from gpt2lib.optim import Muon
 from gpt2lib.rundir import read_log
-from gpt2lib.train import PRESETS, build_model, train
+from gpt2lib.config import PRESETS, build_model
+from gpt2lib.train import train
 
 # The smoke preset with every switch of chapter 11 and Muon, and how the CLI asks for it
 MODERN = dataclasses.replace(PRESETS["smoke"], **MODERN_RECIPE)
