@@ -8,7 +8,7 @@ and `open_loggers` builds the list for a run that starts, or resumes, at a step.
 __all__ = [
     'NO_TENSORBOARD', 'NO_WANDB', 'WANDB_ID', 'Logger', 'scalars', 'samples_text',
     'TensorBoardLogger', 'has_wandb_key', 'wandb_mode', 'WandbLogger', 'read_wandb_id',
-    'first_line', 'Loggers', 'open_loggers'
+    'first_line', 'Loggers', 'require', 'open_loggers'
 ]
 
 # %% ../nbs/09_train.ipynb #lg02
@@ -245,6 +245,24 @@ class Loggers(list):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def require(tensorboard: bool, wandb_project: str | None) -> None:
+    """Refuse, before a run reads or writes anything, loggers it cannot open: a missing
+    package, or an empty W&B project."""
+    if tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise UserError(NO_TENSORBOARD) from None
+    if wandb_project is None:
+        return
+    if not wandb_project.strip():
+        raise UserError("--wandb is empty: give the W&B project to log to")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise UserError(NO_WANDB) from None
 
 
 def open_loggers(

@@ -20,7 +20,7 @@ from .checkpoint import Checkpointer, claim_run_dir
 from .cli import positive, rank_error, run_arguments, setup_run
 from .config import TrainConfig
 from .evaluations import Evaluation, evaluate, evaluations_for, saves_after
-from .loggers import open_loggers
+from .loggers import open_loggers, require
 from .memory import check_memory, fit_batch_size
 from .run import Run, build_run, gpu_defaults, make_loaders
 from .rundir import RunDir
@@ -177,6 +177,7 @@ def train(
     env = env or dist.DistEnv(device=resolve_device(device))
     compile = gpu_defaults(env, compile)
     cfg.validate(env.world_size)  # every setting, before anything is read or built
+    require(tensorboard, wandb)  # the loggers' packages
     precision = Precision.of(env.device, cfg.precision)  # what this device can
     check_memory(cfg, env.device)
     cfg = fit_batch_size(cfg, env)  # "auto": the largest micro-batch that fits

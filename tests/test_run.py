@@ -2,6 +2,7 @@
 checkpointer's `states`, and the preflight's list of checks."""
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -135,3 +136,29 @@ def test_tensorboard_holds_the_logged_losses_once_after_a_resume(tmp_path):
         assert sorted(steps) == sorted(set(steps)), f"{key}: a step twice"
         # TensorBoard stores scalars as float32: each value rounded to 24 bits
         assert sorted(board) == [(s, pytest.approx(v, rel=2**-23)) for s, v in jsonl]
+
+
+@pytest.mark.parametrize(
+    "args, hidden, words",
+    [
+        (["--tensorboard"], "torch.utils.tensorboard", "pip install 'gpt2lib[tensorb"),
+        (["--wandb", "proj"], "wandb", "pip install 'gpt2lib[wandb]'"),
+        (["--wandb", " "], None, "--wandb is empty: give the W&B project"),
+    ],
+)
+def test_a_logger_that_cannot_open_is_refused_before_anything_is_written(
+    tmp_path, monkeypatch, capsys, args, hidden, words
+):
+    "A missing package or an empty project: one line, exit 1, no --out made."
+    from test_hostile import run
+
+    if hidden:
+        monkeypatch.setitem(sys.modules, hidden, None)  # import raises ImportError
+    out = tmp_path / "run"
+    status, message = run(
+        "train",
+        ["--preset", "smoke", "--out", out, "--device", "cpu", "--no-progress", *args],
+        capsys,
+    )
+    assert status == 1 and words in message and "\n" not in message, message
+    assert not out.exists()

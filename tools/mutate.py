@@ -700,6 +700,14 @@ MUTANTS = [
         ("test_runtime",),
         "a part imports the layer built on it (the micro-batch search, the Run)",
     ),
+    Mutant(
+        "loggers-checked-after-the-run-directory",
+        "train",
+        "    require(tensorboard, wandb)  # the loggers' packages\n",
+        "",
+        ("test_run",),
+        "a missing logger package is found after --out was made and claimed",
+    ),
     # loggers (issue 21)
     Mutant(
         "loggers-tensorboard-without-purge-step",
