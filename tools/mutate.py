@@ -785,8 +785,8 @@ MUTANTS = [
     Mutant(
         "loggers-no-wandb-is-a-traceback",
         "loggers",
-        "raise UserError(NO_WANDB) from None",
-        "raise",
+        "            raise UserError(NO_WANDB) from None",
+        "            raise",
         ("test_loggers",),
         "--wandb without the package ends in an ImportError's traceback",
     ),
