@@ -213,6 +213,7 @@ class ShardedOptimizer:
 
     def __init__(self, module, optimizer: torch.optim.Optimizer):
         self.module, self.optimizer = module, optimizer
+        self._names()  # the optimizer holds this model's shards, or it says so now
 
     @property
     def param_groups(self) -> list[dict]:
@@ -223,7 +224,13 @@ class ShardedOptimizer:
         "Each parameter's name in the model, in the order of the optimizer's groups."
         reshard(self.module)  # the parameters the optimizer holds are the shards
         names = {id(p): name for name, p in self.module.named_parameters()}
-        return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        held = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if not all(id(p) in names for p in held):
+            raise RuntimeError(
+                "the optimizer holds parameters that the sharded model no longer has: "
+                "build it after parallel.wrap, since sharding replaces them"
+            )
+        return [names[id(p)] for p in held]
 
     def state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
