@@ -15,6 +15,7 @@ module imports only from layers below its own; the chapter that owns it):
     2  hf         HF's GPT-2 format, both directions  ch. 2
        data       token files, shards, the DataLoader  ch. 3
        modern     GPT-2 with the speedrun's changes, each behind a switch  ch. 11
+       parallel   DDP or FSDP behind one seam: wrap, checkpoints, evaluation  ch. 6
     3  checkpoint checkpoint format, Checkpointer, load_model  ch. 9
        config     TrainConfig, presets, setting checks, CLI options  ch. 9
        bench      gpt2-bench: the speed ladder  ch. 4

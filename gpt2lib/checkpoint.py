@@ -31,6 +31,7 @@ from . import dist
 from .hf import load_pretrained
 from .model import GPT, GPTConfig
 from .modern import ModernConfig, make_model
+from .parallel import all_finite
 from .rundir import RunDir
 from .runtime import atomic_write, UserError
 
@@ -232,7 +233,10 @@ class Checkpointer:
         """`states`: what the run's checkpoints hold besides its step, settings and
         random states, by name (torchtitan's `states`): objects with `state_dict` and
         `load_state_dict`, the model first; a new part of a run's state is one more
-        entry. The optimizer's is loaded with `load_optimizer_state`."""
+        entry. The optimizer's is loaded with `load_optimizer_state`. A part whose
+        state is spread over the ranks says so (`gathered`, chapter 6's
+        `parallel.checkpoint_parts`): every rank calls its `state_dict`, which gives
+        rank 0 the whole state."""
         self.out_dir, self.config, self.env = Path(out_dir), config, env
         self.states, self.keep = states, keep
 
@@ -246,14 +250,22 @@ class Checkpointer:
         )
 
     def save(self, step: int) -> Path | None:
-        "Write the state after `step` steps (rank 0 only)."
-        if not self.env.is_main:
-            return None
-        if not all(torch.isfinite(p).all() for p in self.states["model"].parameters()):
+        """Write the state after `step` steps: rank 0 writes it, after every rank has
+        taken part in gathering what is spread over the ranks (if anything is)."""
+        gathered = {n for n, p in self.states.items() if getattr(p, "gathered", False)}
+        if not (self.env.is_main or gathered):
+            return None  # rank 0 holds the whole state
+        if not all_finite(self.states["model"]):  # every rank's shard, if sharded
             raise UserError(
                 f"not saving step {step}: the weights are not finite; {self.latest()}"
             )
-        state = {name: part.state_dict() for name, part in self.states.items()}
+        state = {
+            name: part.state_dict()
+            for name, part in self.states.items()
+            if self.env.is_main or name in gathered
+        }
+        if not self.env.is_main:
+            return None
         state |= {
             "step": step,
             "config": dataclasses.asdict(self.config),
@@ -308,7 +320,7 @@ class Checkpointer:
         # one in the whole run's tokens (any world size). A part the checkpoint lacks
         # starts fresh: fp16's scaler, after a run saved in bf16 ("auto" on another GPU)
         for name, part in self.states.items():
-            if name in state and isinstance(part, torch.optim.Optimizer):
+            if name in state and hasattr(part, "param_groups"):  # an optimizer
                 load_optimizer_state(part, state[name])
             elif name in state:
                 part.load_state_dict(state[name])

@@ -15,6 +15,7 @@ import math
 
 from . import dist
 from .config import PRESETS, TrainConfig, add_config_arguments, config_from_args
+from .parallel import PARALLELS
 from .runtime import USER_ERRORS, UserError, one_line, resolve_device
 
 # The GPT-2 124M run on one node of 8 GPUs, as the README and chapter 9 give it (a
@@ -66,6 +67,14 @@ def run_arguments(ap: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="torch.compile the model (default: on a CUDA GPU, not elsewhere)",
+    )
+    ap.add_argument(
+        "--parallel",
+        default="ddp",
+        choices=PARALLELS,
+        help="under torchrun: ddp (every rank holds the whole model) or fsdp (each "
+        "holds a shard of it; chapter 6); either resumes the other's checkpoints "
+        "(default: ddp)",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument(

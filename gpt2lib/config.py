@@ -8,7 +8,8 @@ field."""
 __all__ = [
     'PRESETS', 'AT_LEAST_1', 'NEVER_OR_EVERY', 'MAX_LR', 'MAX_WEIGHT_DECAY',
     'MAX_SOFTCAP', 'RULES', 'TRUE', 'FALSE', 'TrainConfig', 'option', 'check_config',
-    'value_parser', 'add_config_arguments', 'config_from_args', 'build_model'
+    'value_parser', 'add_config_arguments', 'config_from_args', 'initial_model',
+    'build_optimizer', 'build_model'
 ]
 
 # %% ../nbs/09_train.ipynb #c004
@@ -415,18 +416,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 # %% ../nbs/09_train.ipynb #r001
-def build_model(cfg: TrainConfig, device: str):
+def initial_model(cfg: TrainConfig, device: str):
     """The model `cfg` describes (GPT-2, or chapter 11's modern one), initialised from
-    `cfg.seed` (the same weights on every rank), and its optimizer: AdamW, or Muon with
-    AdamW (chapter 5)."""
+    `cfg.seed` (the same weights on every rank)."""
     torch.manual_seed(cfg.seed)
-    model = make_model(cfg.model_config()).to(device)
+    return make_model(cfg.model_config()).to(device)
+
+
+def build_optimizer(cfg: TrainConfig, model, device: str) -> torch.optim.Optimizer:
+    """The optimizer `cfg` describes for `model`: AdamW, or Muon with AdamW (chapter 5).
+    Under FSDP, build it after sharding, which replaces the parameters it holds."""
     if cfg.optimizer == "muon":
-        optimizer = configure_muon(
+        return configure_muon(
             model, cfg.max_lr, cfg.muon_lr, cfg.weight_decay, momentum=cfg.muon_momentum
         )
-    else:
-        optimizer = configure_optimizer(
-            model, cfg.max_lr, cfg.weight_decay, device_type=torch.device(device).type
-        )
-    return model, optimizer
+    return configure_optimizer(
+        model, cfg.max_lr, cfg.weight_decay, device_type=torch.device(device).type
+    )
+
+
+def build_model(cfg: TrainConfig, device: str):
+    "The model `cfg` describes (`initial_model`) and its optimizer (`build_optimizer`)."
+    model = initial_model(cfg, device)
+    return model, build_optimizer(cfg, model, device)

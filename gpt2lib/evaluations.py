@@ -20,6 +20,7 @@ from gpt2lib.evaluate import (
     read_hellaswag,
     validation_loss,
 )
+from .parallel import sharded, unsharded
 from .sample import complete
 
 
@@ -74,13 +75,15 @@ class ValidationLoss(Evaluation):
     def __call__(self, run, step: int) -> dict:
         if run.val_loader is None:
             return {}
-        loss = validation_loss(
-            run.eval_model,
-            run.val_loader,
-            self.cfg.eval_batches,
-            run.env.device,
-            run.precision.autocast,
-        )
+        # the ranks' shares differ by a batch when the ranks do not divide eval_batches
+        with unsharded(run.model):
+            loss = validation_loss(
+                run.eval_model,
+                run.val_loader,
+                self.cfg.eval_batches,
+                run.env.device,
+                run.precision.autocast,
+            )
         return {"val_loss": loss}
 
 
@@ -113,17 +116,18 @@ class HellaSwag(Evaluation):
 
     def __call__(self, run, step: int) -> dict:
         env = run.env
-        scores = evaluate_hellaswag(
-            run.model,  # not compiled: its rows have a different length every time
-            self.examples,
-            env.device,
-            run.precision.autocast,
-            env.rank,
-            env.world_size,
-            progress=False,
-            # as many tokens per pass as a training micro-batch, which fits
-            max_tokens=self.cfg.batch_size * self.cfg.block_size,
-        )
+        with unsharded(run.model):  # the ranks' shares of examples differ
+            scores = evaluate_hellaswag(
+                run.model,  # not compiled: its rows have a different length each time
+                self.examples,
+                env.device,
+                run.precision.autocast,
+                env.rank,
+                env.world_size,
+                progress=False,
+                # as many tokens per pass as a training micro-batch, which fits
+                max_tokens=self.cfg.batch_size * self.cfg.block_size,
+            )
         return {
             "hellaswag_acc": scores["acc"],
             "hellaswag_acc_norm": scores["acc_norm"],
@@ -138,22 +142,25 @@ class HellaSwag(Evaluation):
 
 
 class Samples(Evaluation):
-    "Rank 0's samples from the sample prompt, seeded by the step (none at step 0)."
+    """Rank 0's samples from the sample prompt, seeded by the step (none at step 0).
+    A sharded model is sampled by every rank (the same seed: the same tokens), since
+    each forward pass needs them all; rank 0 logs."""
 
     name, every, at_start = "samples", "sample_every", False
 
     def __call__(self, run, step: int) -> dict:
-        if not run.env.is_main:
+        if not (run.env.is_main or sharded(run.model)):
             return {}
         cfg = self.cfg
-        texts = complete(
-            run.model,
-            cfg.sample_prompt,
-            cfg.num_samples,
-            cfg.sample_tokens,
-            seed=cfg.seed + step,
-        )
-        return {"samples": texts}
+        with unsharded(run.model):
+            texts = complete(
+                run.model,
+                cfg.sample_prompt,
+                cfg.num_samples,
+                cfg.sample_tokens,
+                seed=cfg.seed + step,
+            )
+        return {"samples": texts} if run.env.is_main else {}
 
 
 # The evaluations a run may have, in the order they run.

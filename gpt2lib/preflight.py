@@ -37,6 +37,7 @@ from .config import TrainConfig
 from .data import load_tokens
 from .evaluations import Evaluation, evaluations_for, run_events
 from .memory import fit_batch_size, largest_micro_batch, release
+from .parallel import known
 from .run import Run, build_run, gpu_defaults, make_loaders
 from gpt2lib.runtime import (
     USER_ERRORS,
@@ -116,6 +117,7 @@ class Preflight:
     measured: Measured = dataclasses.field(default_factory=Measured)
     estimate: dict = dataclasses.field(default_factory=dict)
     warning: bool = False  # the check at work ends in a warning, not ok
+    parallel: str = "ddp"  # how the run is spread over the ranks (chapter 6)
 
 # %% ../nbs/09_train.ipynb #p003
 def check_environment(pf: Preflight) -> str:
@@ -216,7 +218,9 @@ def check_evaluations(pf: Preflight) -> str:
 def timed_steps(pf: Preflight) -> list[float]:
     """`pf.steps` + 1 optimizer steps (the first one warms up) of a `Run` built as
     `gpt2lib.train` builds it (`pf.run`); each step's seconds."""
-    pf.run = build_run(pf.cfg, pf.env, pf.compile, pf.loaders, pf.precision)
+    pf.run = build_run(
+        pf.cfg, pf.env, pf.compile, pf.loaders, pf.precision, pf.parallel
+    )
     if pf.env.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(pf.env.device)
     return [pf.run.take_step().seconds for _ in range(pf.steps + 1)]
@@ -336,7 +340,9 @@ def check_checkpoint(pf: Preflight) -> str:
         m.checkpoint_bytes = dist.broadcast_object(
             list_checkpoints(scratch)[-1].stat().st_size if env.is_main else None
         )
-        fresh = build_run(cfg, env, pf.compile, precision=pf.precision)
+        fresh = build_run(
+            cfg, env, pf.compile, precision=pf.precision, parallel=pf.parallel
+        )
         restored = Checkpointer(scratch, cfg, env, fresh.states())
         fresh.step = restored.restore(announce=False)
         # two steps each: the first step's loss shows the weights, the second
@@ -592,13 +598,15 @@ def preflight(
     hellaswag_examples: int = 20,
     report_path=None,
     echo=print,
+    parallel: str = "ddp",
 ) -> dict:
     """Every check, in order; the report (also written to `report_path`, default
-    `out/preflight.json`)."""
+    `out/preflight.json`). `parallel`: as gpt2-train's --parallel."""
     env = env or dist.DistEnv(device=resolve_device(device))
     cfg.validate(env.world_size)
     compile = gpu_defaults(env, compile)
     pf = Preflight(cfg, env, compile, Path(out), steps, hellaswag_examples)
+    pf.parallel = known(parallel)
     checks = run_checks(pf, echo=echo)
     report = {
         "checks": [asdict(c) for c in checks],
@@ -607,6 +615,7 @@ def preflight(
         "config": asdict(pf.cfg),
         "world_size": env.world_size,
         "compile": compile,
+        "parallel": pf.parallel,
         "measured": asdict(pf.measured),
         **provenance(env.device),
     }
@@ -659,6 +668,7 @@ def main(argv=None) -> int:
             steps=args.steps,
             hellaswag_examples=args.hellaswag_examples,
             report_path=args.json,
+            parallel=args.parallel,
         )
     except Exception as err:
         raise rank_error(err, env) from None

@@ -7,22 +7,19 @@ step and evaluate it), its optimizer, its precision, and the step that uses them
 
 # %% auto #0
 __all__ = [
-    'load_data', 'make_loaders', 'gpu_defaults', 'wrap_model', 'Step', 'Run',
-    'build_run'
+    'load_data', 'make_loaders', 'gpu_defaults', 'Step', 'Run', 'build_run'
 ]
 
 # %% ../nbs/09_train.ipynb #c012
 import dataclasses
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist, optim
-from .config import TrainConfig, build_model
+from .config import TrainConfig, build_optimizer, initial_model
 from gpt2lib.data import (
     SHIPPED_TEXTS,
     DataLoader,
@@ -31,6 +28,7 @@ from gpt2lib.data import (
     tokenize,
 )
 from .optim import grad_accum_steps, lr_at
+from .parallel import check_parallel, checkpoint_parts, no_sync, wrap
 from .runtime import Precision, UserError, set_tf32
 
 
@@ -87,16 +85,6 @@ def gpu_defaults(env: dist.DistEnv, compile: bool | None) -> bool:
     set_tf32(on_gpu)
     return on_gpu if compile is None else compile
 
-
-def wrap_model(model, compile: bool, env: dist.DistEnv):
-    """(the model evaluation runs: compiled if asked; the model steps run: that one, in
-    DDP under torchrun)."""
-    eval_model = torch.compile(model) if compile else model
-    if not env.distributed:
-        return eval_model, eval_model
-    on_gpu = env.device.startswith("cuda")
-    return eval_model, DDP(eval_model, device_ids=[env.local_rank] if on_gpu else None)
-
 # %% ../nbs/09_train.ipynb #r002s
 @dataclasses.dataclass
 class Step:
@@ -140,7 +128,8 @@ class Step:
 class Run:
     """One run's parts, built by `build_run`. `model` holds the weights (what is saved,
     sampled and scored), `eval_model` is it compiled (if the run compiles),
-    `step_model` that one in DDP under torchrun; `step` counts the optimizer steps
+    `step_model` that one in DDP under torchrun; under FSDP all three are the one
+    sharded model (chapter 6's `parallel.wrap`). `step` counts the optimizer steps
     done."""
 
     cfg: TrainConfig
@@ -156,8 +145,9 @@ class Run:
 
     def states(self) -> dict:
         """What a checkpoint of this run saves, by name: each has `state_dict` and
-        `load_state_dict` (fp16's scaler too, whose scale is part of the run)."""
-        states = {"model": self.model, "optimizer": self.optimizer}
+        `load_state_dict` (fp16's scaler too, whose scale is part of the run). A
+        sharded model and its optimizer are parts that gather them whole."""
+        states = checkpoint_parts(self.model, self.optimizer)
         states["loader"] = self.loader
         return states | (
             {"scaler": self.precision.scaler} if self.precision.scaled else {}
@@ -185,7 +175,7 @@ class Run:
             lr,
             cfg.grad_clip,
             autocast=self.precision.autocast,
-            no_sync=self.step_model.no_sync if env.distributed else nullcontext,
+            no_sync=no_sync(self.step_model, env),
             scaler=self.precision.scaler,
         )
         # .item() waits for the device: the time is the real step's
@@ -202,15 +192,19 @@ def build_run(
     compile: bool,
     loaders=None,
     precision: Precision | None = None,
+    parallel: str = "ddp",
 ) -> Run:
     """The run `cfg` describes in this process: its precision (decided here, once, or
-    given), the model and optimizer initialised from `cfg.seed`, wrapped to be compiled
-    and parallel, and its loaders (`loaders`: the (train, validation) pair already
-    made)."""
+    given), the model initialised from `cfg.seed` and wrapped to be compiled and
+    spread over the ranks as `parallel` says (chapter 6), its optimizer, and its
+    loaders (`loaders`: the (train, validation) pair already made)."""
     loader, val_loader = loaders or make_loaders(cfg, env)
     precision = precision or Precision.of(env.device, cfg.precision)
-    model, optimizer = build_model(cfg, env.device)
-    eval_model, step_model = wrap_model(model, compile, env)
+    check_parallel(parallel, env, precision, cfg.optimizer)
+    model = initial_model(cfg, env.device)
+    eval_model, step_model = wrap(model, compile, env, parallel)
+    # after wrapping: FSDP's sharding replaces the parameters the optimizer holds
+    optimizer = build_optimizer(cfg, model, env.device)
     return Run(
         cfg,
         env,

@@ -22,6 +22,7 @@ from .config import TrainConfig
 from .evaluations import Evaluation, evaluate, evaluations_for, saves_after
 from .loggers import open_loggers, require
 from .memory import check_memory, fit_batch_size
+from .parallel import check_parallel
 from .run import Run, build_run, gpu_defaults, make_loaders
 from .rundir import RunDir
 from gpt2lib.runtime import (
@@ -167,10 +168,12 @@ def train(
     env: dist.DistEnv | None = None,
     tensorboard: bool = False,
     wandb: str | None = None,
+    parallel: str = "ddp",
 ) -> dict:
     """Run (or resume) training as `cfg` says, writing to `out`; returns a summary of
     the run. `env` is this process's place in a torchrun launch (`gpt2lib.dist.setup`);
-    None: one process on `device`. `compile` None: torch.compile on a CUDA GPU, not
+    None: one process on `device`. `parallel`: how the model is spread over the ranks,
+    "ddp" or "fsdp" (chapter 6). `compile` None: torch.compile on a CUDA GPU, not
     elsewhere (chapter 4). The log goes to log.jsonl, and to TensorBoard and the W&B
     project `wandb` if asked."""
     t_start = time.perf_counter()
@@ -179,6 +182,7 @@ def train(
     cfg.validate(env.world_size)  # every setting, before anything is read or built
     require(tensorboard, wandb)  # the loggers' packages
     precision = Precision.of(env.device, cfg.precision)  # what this device can
+    check_parallel(parallel, env, precision, cfg.optimizer)
     check_memory(cfg, env.device)
     cfg = fit_batch_size(cfg, env)  # "auto": the largest micro-batch that fits
     if env.is_main:
@@ -187,7 +191,7 @@ def train(
     loaders, evaluations = make_loaders(cfg, env), evaluations_for(cfg)
     with RunDir(out, main=env.is_main) as rundir:
         dist.on_main(lambda: claim_run_dir(rundir, resume))
-        run = build_run(cfg, env, compile, loaders, precision)
+        run = build_run(cfg, env, compile, loaders, precision, parallel)
         states = run.states()
         checkpointer = Checkpointer(rundir.path, cfg, env, states, cfg.keep_checkpoints)
         run.step = start = checkpointer.restore() if resume else 0
@@ -285,6 +289,7 @@ def main(argv=None) -> int:
             env=env,
             tensorboard=args.tensorboard,
             wandb=args.wandb,
+            parallel=args.parallel,
         )
     except Exception as err:
         raise rank_error(err, env) from None

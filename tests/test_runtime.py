@@ -251,6 +251,7 @@ LAYERS = {
     "hf": 2,
     "data": 2,
     "modern": 2,
+    "parallel": 2,
     "checkpoint": 3,
     "config": 3,
     "bench": 3,

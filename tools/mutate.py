@@ -798,6 +798,125 @@ MUTANTS = [
         ("test_loggers",),
         "a damaged wandb-run-id is handed to W&B instead of being named",
     ),
+    # parallel (issue 21): DDP or FSDP behind one seam, gpt2lib.parallel.
+    Mutant(
+        "fsdp-optimizer-built-before-sharding",
+        "run",
+        "    model = initial_model(cfg, env.device)\n"
+        "    eval_model, step_model = wrap(model, compile, env, parallel)\n"
+        "    # after wrapping: FSDP's sharding replaces the parameters the optimizer "
+        "holds\n"
+        "    optimizer = build_optimizer(cfg, model, env.device)\n",
+        "    model = initial_model(cfg, env.device)\n"
+        "    optimizer = build_optimizer(cfg, model, env.device)\n"
+        "    eval_model, step_model = wrap(model, compile, env, parallel)\n",
+        ("test_parallel",),
+        "under FSDP the optimizer holds the parameters sharding replaced: no step "
+        "would change the weights, and nothing would say so",
+    ),
+    Mutant(
+        "fsdp-gradient-sync-left-off",
+        "parallel",
+        "    finally:\n        model.set_requires_gradient_sync(True)",
+        "    finally:\n        model.set_requires_gradient_sync(False)",
+        ("test_parallel",),
+        "after the first accumulation, FSDP never reduce-scatters the gradients again",
+    ),
+    Mutant(
+        "fsdp-optimizer-state-loaded-by-number",
+        "parallel",
+        "named = _renamed(state, self._names().__getitem__)",
+        "named = state",
+        ("test_parallel",),
+        "a checkpoint's numbered optimizer state is given to FSDP as it is: a KeyError "
+        "in torch 2.13 (an earlier study saw it load nothing, silently)",
+    ),
+    Mutant(
+        "fsdp-checkpoint-optimizer-by-name",
+        "parallel",
+        "return _renamed(named, number.__getitem__) if named else {}",
+        "return named",
+        ("test_parallel",),
+        "an FSDP checkpoint's optimizer state is keyed by names, not today's numbers",
+    ),
+    Mutant(
+        "fsdp-samples-on-rank-0-alone",
+        "evaluations",
+        "if not (run.env.is_main or sharded(run.model)):",
+        "if not run.env.is_main:",
+        ("test_parallel",),
+        "under FSDP rank 0 samples alone: its forward passes wait for the other ranks "
+        "until the timeout",
+    ),
+    Mutant(
+        "fsdp-hellaswag-sharded",
+        "evaluations",
+        "with unsharded(run.model):  # the ranks' shares of examples differ",
+        "if True:",
+        ("test_parallel",),
+        "HellaSwag's unequal shares run sharded: a rank waits for a forward pass the "
+        "other never makes",
+    ),
+    Mutant(
+        "fsdp-unsharded-reshards-after-each-forward",
+        "parallel",
+        "        module.set_reshard_after_forward(False, recurse=False)\n"
+        "        module.unshard()",
+        "        module.unshard()",
+        ("test_parallel",),
+        "inside `unsharded` each forward pass gathers the weights again, a collective: "
+        "unequal numbers of them deadlock",
+    ),
+    Mutant(
+        "fsdp-finite-check-reads-one-shard",
+        "parallel",
+        "return not dist.any_rank(not finite, device=shards[0].device)",
+        "return finite",
+        ("test_parallel",),
+        "a NaN in another rank's shard passes rank 0's check: a damaged checkpoint",
+    ),
+    Mutant(
+        "fsdp-in-one-process-is-sharded",
+        "parallel",
+        'if not env.distributed or known(kind) == "ddp":',
+        'if known(kind) == "ddp":',
+        ("test_parallel",),
+        "--parallel fsdp in a single process shards with no process group, and fails",
+    ),
+    Mutant(
+        "parallel-unknown-kind-accepted",
+        "parallel",
+        "    if kind not in PARALLELS:\n        raise UserError(",
+        "    if False:\n        raise UserError(",
+        ("test_parallel",),
+        "train(parallel='nonsense') runs unwrapped instead of naming the kinds",
+    ),
+    Mutant(
+        "fsdp-muon-not-refused",
+        "parallel",
+        'if optimizer == "muon":',
+        "if False:",
+        ("test_parallel",),
+        "Muon under FSDP is not refused: it would orthogonalise slices of matrices",
+    ),
+    Mutant(
+        "fsdp-fp16-not-refused",
+        "parallel",
+        "if precision.scaled:",
+        "if False:",
+        ("test_parallel",),
+        "fp16 under FSDP is not refused: each rank's scaler would see its own shard's "
+        "overflows, and the ranks could disagree on skipping a step",
+    ),
+    Mutant(
+        "fsdp-optimizer-of-other-parameters-unnamed",
+        "parallel",
+        "if not all(id(p) in names for p in held):",
+        "if False:",
+        ("test_parallel",),
+        "an optimizer built before sharding ends in a KeyError of a number, not in what "
+        "to do",
+    ),
 ]
 
 
