@@ -6,7 +6,8 @@ reports."""
 
 # %% auto #0
 __all__ = [
-    'GPT2_124M_COMMANDS', 'positive', 'run_arguments', 'setup_run', 'rank_error'
+    'GPT2_124M_COMMANDS', 'positive', 'run_arguments', 'setup_run', 'rank_error',
+    'report_training'
 ]
 
 # %% ../nbs/09_train.ipynb #c033
@@ -113,3 +114,26 @@ def rank_error(err: BaseException, env: dist.DistEnv | None) -> BaseException:
         if isinstance(err, USER_ERRORS):  # a bug keeps its type and traceback
             return UserError(f"rank {rank}: {one_line(err)}")
     return err
+
+
+def report_training(summary: dict, out: str, minutes: float) -> int:
+    """Rank 0's last lines, and the command's exit status (130 after Ctrl-C, 143 after
+    SIGTERM)."""
+    if summary.get("already_finished"):
+        print(
+            f"nothing to do: {out} holds a finished run of {summary['steps']} steps "
+            "(summary.json)"
+        )
+        return 0
+    if not summary["finished"]:
+        print(
+            f"stopped after step {summary['steps']} ({minutes:.1f} min); continue with "
+            f"--resume --out {out}"
+        )
+        return 128 + summary["signal"] if "signal" in summary else 0
+    print(f"done: {summary['steps']} steps in {minutes:.1f} min; output in {out}/")
+    if "val_loss" in summary:
+        print(f"validation loss: {summary['val_loss']:.4f}")
+    for text in summary["samples"]:
+        print("-" * 40 + "\n" + text)
+    return 0

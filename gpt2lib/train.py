@@ -6,7 +6,7 @@ with a run's parts named), and the command that starts, resumes and finishes one
 # %% auto #0
 __all__ = [
     'GracefulInterrupt', 'Diverged', 'evaluate_if_due', 'run_steps', 'finish', 'train',
-    'parse_args', 'report', 'main'
+    'parse_args', 'main'
 ]
 
 # %% ../nbs/09_train.ipynb #t000
@@ -17,7 +17,13 @@ import time
 
 from . import dist
 from .checkpoint import Checkpointer, claim_run_dir
-from .cli import positive, rank_error, run_arguments, setup_run
+from gpt2lib.cli import (
+    positive,
+    rank_error,
+    report_training,
+    run_arguments,
+    setup_run,
+)
 from .config import TrainConfig
 from .evaluations import Evaluation, evaluate, evaluations_for, saves_after
 from .loggers import open_loggers, require
@@ -251,29 +257,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def report(summary: dict, out: str, minutes: float) -> int:
-    """Rank 0's last lines, and the command's exit status (130 after Ctrl-C, 143 after
-    SIGTERM)."""
-    if summary.get("already_finished"):
-        print(
-            f"nothing to do: {out} holds a finished run of {summary['steps']} steps "
-            "(summary.json)"
-        )
-        return 0
-    if not summary["finished"]:
-        print(
-            f"stopped after step {summary['steps']} ({minutes:.1f} min); continue with "
-            f"--resume --out {out}"
-        )
-        return 128 + summary["signal"] if "signal" in summary else 0
-    print(f"done: {summary['steps']} steps in {minutes:.1f} min; output in {out}/")
-    if "val_loss" in summary:
-        print(f"validation loss: {summary['val_loss']:.4f}")
-    for text in summary["samples"]:
-        print("-" * 40 + "\n" + text)
-    return 0
-
-
 @run_command
 def main(argv=None) -> int:
     args, env, t0 = parse_args(argv), None, time.perf_counter()
@@ -296,7 +279,7 @@ def main(argv=None) -> int:
     dist.teardown()
     if not env.is_main:
         return 128 + summary["signal"] if "signal" in summary else 0
-    return report(summary, out, (time.perf_counter() - t0) / 60)
+    return report_training(summary, out, (time.perf_counter() - t0) / 60)
 
 
 # run as a program, not in the notebook

@@ -671,8 +671,8 @@ MUTANTS = [
     Mutant(
         "precision-decided-twice",
         "train",
-        "run = build_run(cfg, env, compile, loaders, precision)",
-        "run = build_run(cfg, env, compile, loaders)",
+        "run = build_run(cfg, env, compile, loaders, precision, parallel)",
+        "run = build_run(cfg, env, compile, loaders, parallel=parallel)",
         ("test_run",),
         "the Run decides its precision again instead of taking the one train decided",
     ),
