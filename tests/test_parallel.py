@@ -18,9 +18,11 @@ from test_dist import (
     largest_difference,
     log,
     losses,
+    one_process,  # the fixtures of test_dist, run again for this module (DDP's)
     rank_env,
     resume_from_step_3,
     torchrun,
+    two_ranks,
 )
 
 from gpt2lib import dist
@@ -29,22 +31,6 @@ from gpt2lib.parallel import check_parallel
 from gpt2lib.rundir import read_log
 from gpt2lib.runtime import Precision, UserError
 from gpt2lib.train import train
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    out = tmp_path_factory.mktemp("one")
-    train(SMOKE, out, device="cpu", progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    "Under DDP."
-    out = tmp_path_factory.mktemp("ddp")
-    result = torchrun(2, "--out", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
 
 
 # FSDP (issue 21): `--parallel fsdp` behind chapter 6's seam, gpt2lib.parallel. The FSDP
