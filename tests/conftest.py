@@ -129,3 +129,26 @@ def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
     train(PRESETS["smoke"], out, device="cpu", progress=False)
     return out
+
+
+# test_dist's and test_parallel's references, made once for the session: the smoke run
+# of test_dist.SMOKE in one process, and the same on 2 gloo ranks under DDP
+@pytest.fixture(scope="session")
+def one_process(tmp_path_factory):
+    from test_dist import SMOKE
+
+    from gpt2lib.train import train
+
+    out = tmp_path_factory.mktemp("one")
+    train(SMOKE, out, device="cpu", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory):
+    from test_dist import torchrun
+
+    out = tmp_path_factory.mktemp("two")
+    result = torchrun(2, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result

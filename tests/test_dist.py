@@ -76,21 +76,6 @@ def largest_difference(a, b):
     return max(abs(x - y) for x, y in zip(a, b))
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    out = tmp_path_factory.mktemp("one")
-    train(SMOKE, out, device="cpu", progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("two")
-    result = torchrun(2, "--out", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
-
-
 def test_two_ranks_equal_one_process(one_process, two_ranks, record_property):
     (one_train, one_val), (two_train, two_val) = (
         losses(one_process),

@@ -18,11 +18,9 @@ from test_dist import (
     largest_difference,
     log,
     losses,
-    one_process,  # the fixtures of test_dist, run again for this module (DDP's)
     rank_env,
     resume_from_step_3,
     torchrun,
-    two_ranks,
 )
 
 from gpt2lib import dist
