@@ -21,7 +21,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,13 +29,12 @@ from .data import DataLoader, read_asset_text, tokenize
 from .model import GPT, GPTConfig
 from .optim import configure_optimizer, train_step
 from gpt2lib.runtime import (
+    Precision,
     UserError,
     atomic_write,
-    autocast_for,
     choose_precision,
     command_name,
     device_name,
-    grad_scaler,
     provenance,
     resolve_device,
     run_command,
@@ -49,7 +47,11 @@ def flops_per_token(config: GPTConfig, T: int) -> int:
     12·n_layer·n_head·head_dim·T for attention."""
     with torch.device("meta"):  # shapes only: no memory, no time
         model = GPT(dataclasses.replace(config, pad_vocab_to=1))
-    N = model.num_params() - model.transformer.wpe.weight.numel()
+    # the weights' matmuls: the embeddings are lookups, except that a tied wte is also
+    # the head's matrix (chapter 11's rotary model has no wpe, its untied head a matrix)
+    N = model.num_params() - sum(p.numel() for p in model.transformer.wpe.parameters())
+    if not config.tied_head:
+        N -= model.transformer.wte.weight.numel()
     head_dim = config.n_embd // config.n_head
     return 6 * N + 12 * config.n_layer * config.n_head * head_dim * T
 
@@ -165,17 +167,22 @@ def time_recipe(
         model, 6e-4, device_type=device.type, fused=recipe.fused_adamw
     )
     step_model = torch.compile(model) if recipe.compile else model
-    autocast = autocast_for(device, "bf16" if recipe.bf16 else "fp32")
-    step_fn = train_step
-    if recipe.fp16:
-        autocast = autocast_for(device, "fp16")
-        step_fn = partial(train_step, scaler=grad_scaler(device, "fp16"))
+    # decided as a run decides it: fp16 brings its gradient scaler, the others none
+    precision = Precision.of(
+        device, "fp16" if recipe.fp16 else "bf16" if recipe.bf16 else "fp32"
+    )
     loader = DataLoader(tokens, B, T)
 
     def step():
         batch = tuple(t.to(device, non_blocking=True) for t in loader.next_batch())
-        return step_fn(
-            step_model, optimizer, [batch], lr=6e-4, grad_clip=1.0, autocast=autocast
+        return train_step(
+            step_model,
+            optimizer,
+            [batch],
+            lr=6e-4,
+            grad_clip=1.0,
+            autocast=precision.autocast,
+            scaler=precision.scaler,
         )[0]
 
     if device.type == "cuda":

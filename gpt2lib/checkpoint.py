@@ -16,7 +16,6 @@ __all__ = [
 ]
 
 # %% ../nbs/09_train.ipynb #c017
-import dataclasses
 import random
 import re
 import sys
@@ -29,8 +28,8 @@ import torch
 
 from . import dist
 from .hf import load_pretrained
-from .model import GPT, GPTConfig
-from .modern import ModernConfig, make_model
+from .model import GPT
+from .modern import ModernConfig
 from .parallel import all_finite
 from .rundir import RunDir
 from .runtime import atomic_write, UserError
@@ -268,7 +267,7 @@ class Checkpointer:
             return None
         state |= {
             "step": step,
-            "config": dataclasses.asdict(self.config),
+            "config": self.config.settings(),
             "rng": rng_state(self.env.device),
             "world_size": self.env.world_size,
         }
@@ -288,9 +287,9 @@ class Checkpointer:
         if found is None:
             return None
         state, path = found
-        expected, saved = dataclasses.asdict(self.config), state.get("config") or {}
+        expected, saved = self.config.settings(), state.get("config") or {}
         # a setting added to gpt2lib after this checkpoint was written had its default
-        saved = {**dataclasses.asdict(type(self.config)()), **saved}
+        saved = {**type(self.config)().settings(), **saved}
         if saved != expected:
             changed = sorted(
                 k
@@ -388,12 +387,12 @@ def model_from_checkpoint(state: dict, where) -> GPT:
             "entries)"
         )
     saved = state["config"]  # the run's settings: GPT-2 or chapter 11's modern model
-    config_class = ModernConfig if saved.get("arch", "gpt2") == "modern" else GPTConfig
+    # the model's fields among the run's settings (a field added later: its default)
     shape = {
-        key: saved[key] for key in config_class.__dataclass_fields__ if key in saved
+        key: saved[key] for key in ModernConfig.__dataclass_fields__ if key in saved
     }
     try:
-        model = make_model(config_class(**shape))
+        model = GPT(ModernConfig(**shape))
     except (
         TypeError,
         ValueError,

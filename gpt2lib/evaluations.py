@@ -108,10 +108,10 @@ class HellaSwag(Evaluation):
             path = download_hellaswag("val", progress=False)
         examples = read_hellaswag(path)
         self.examples = examples[: cfg.hellaswag_limit or None]
-        check_examples_fit(self.examples, cfg.block_size)  # now, not at step 0
+        check_examples_fit(self.examples, cfg.model.block_size)  # now, not at step 0
 
     def loaded(self) -> str:
-        n, block_size = len(self.examples), self.cfg.block_size
+        n, block_size = len(self.examples), self.cfg.model.block_size
         return f"hellaswag ({n:,} examples, each fits in block_size {block_size})"
 
     def __call__(self, run, step: int) -> dict:
@@ -126,7 +126,7 @@ class HellaSwag(Evaluation):
                 env.world_size,
                 progress=False,
                 # as many tokens per pass as a training micro-batch, which fits
-                max_tokens=self.cfg.batch_size * self.cfg.block_size,
+                max_tokens=self.cfg.batch_size * self.cfg.model.block_size,
             )
         return {
             "hellaswag_acc": scores["acc"],

@@ -16,7 +16,6 @@ __all__ = [
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import json
 import os
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from .config import PRESETS, TrainConfig
+from .modern import ModernConfig
 from .data import SHIPPED_TEXTS, read_asset_text, tokenize
 from .rundir import read_log
 from gpt2lib.runtime import (
@@ -68,8 +68,7 @@ _QUIET = dict(
     keep_checkpoints=1,
 )
 SIZES = {  # the shakespeare preset's model and AdamW lr, on Tiny Shakespeare
-    "cpu": dataclasses.replace(
-        PRESETS["shakespeare"],
+    "cpu": PRESETS["shakespeare"].replace(
         **_QUIET,
         batch_size=4,
         total_batch_size=512,
@@ -79,10 +78,7 @@ SIZES = {  # the shakespeare preset's model and AdamW lr, on Tiny Shakespeare
     ),
     "tiny": TrainConfig(
         **_QUIET,
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=32,
+        model=ModernConfig(n_layer=2, n_head=2, n_embd=32, block_size=32),
         batch_size=4,
         total_batch_size=128,
         max_lr=3e-3,
@@ -118,7 +114,7 @@ def rung_configs(
     changes, configs = {}, []
     for name, change in RUNGS[:upto]:
         changes.update(change)
-        configs.append((name, dataclasses.replace(base, **changes).validate()))
+        configs.append((name, base.replace(**changes).validate()))
     return configs
 
 
@@ -161,7 +157,7 @@ def run_once(cfg: TrainConfig, seed: int, device: str, work: Path) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"seed{seed}-", dir=work))
     t0 = time.perf_counter()
     final = train(
-        dataclasses.replace(cfg, seed=seed),
+        cfg.replace(seed=seed),
         out,
         device=device,
         compile=False,
@@ -278,22 +274,18 @@ def run_ladder(
     it cut short is dropped, the finished ones are saved (marked incomplete, with what
     is missing) and LadderStopped carries them."""
     planned = [name for name, _ in RUNGS[:upto]]
-    result = {"base": dataclasses.asdict(base), "seeds": seeds, "rungs": []}
+    result = {"base": base.settings(), "seeds": seeds, "rungs": []}
     try:
         with (
             stop_on_signals(),
             tempfile.TemporaryDirectory(prefix="gpt2lib-ladder-") as work,
         ):
             vocab_size = corpus_shards(Path(work) / "tokens")
-            base = dataclasses.replace(
-                base, data=str(Path(work) / "tokens"), vocab_size=vocab_size
-            )
-            result["base"] = dataclasses.asdict(base)
+            base = base.replace(data=str(Path(work) / "tokens"), vocab_size=vocab_size)
+            result["base"] = base.settings()
             for name, cfg in rung_configs(base, upto):
                 changed = {
-                    k: v
-                    for k, v in dataclasses.asdict(cfg).items()
-                    if v != getattr(base, k)
+                    k: v for k, v in cfg.settings().items() if v != result["base"][k]
                 }
                 rung = {"name": name, "changes": changed, "runs": []}
                 result["rungs"].append(rung)
@@ -433,14 +425,13 @@ def main(argv=None) -> int | None:
         )
     base = SIZES[args.size]
     if args.max_steps is not None:
-        base = dataclasses.replace(
-            base,
+        base = base.replace(
             max_steps=args.max_steps,
             warmup_steps=min(base.warmup_steps, args.max_steps),
         )
     for name in ("max_lr", "muon_lr"):
         if getattr(args, name) is not None:
-            base = dataclasses.replace(base, **{name: getattr(args, name)})
+            base = base.replace(**{name: getattr(args, name)})
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads {args.threads}: give 1 or more")

@@ -42,7 +42,8 @@ class Logger(Protocol):
 
     def log_samples(self, step: int, texts: list[str]) -> None: ...
 
-    def close(self) -> None: ...
+    # failed: the run stopped on an error (W&B marks it failed, not finished)
+    def close(self, failed: bool = False) -> None: ...
 
 
 def scalars(entry: dict) -> dict[str, float]:
@@ -90,7 +91,7 @@ class TensorBoardLogger:
     def log_samples(self, step: int, texts: list[str]) -> None:
         self.writer.add_text("samples", samples_text(texts), step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -199,8 +200,8 @@ class WandbLogger:
             )
             self.run.log({"samples": table}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 def read_wandb_id(path: Path) -> str:
@@ -235,16 +236,16 @@ class Loggers(list):
         for logger in self:
             logger.log_samples(step, texts)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         with contextlib.ExitStack() as stack:
             for logger in self:
-                stack.callback(logger.close)
+                stack.callback(logger.close, failed)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, kind, *_):
+        self.close(failed=kind is not None)  # an error, Ctrl-C included, ended the run
 
 
 def require(tensorboard: bool, wandb_project: str | None) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from . import dist, optim
 from .config import TrainConfig, build_model
-from .modern import make_model
+from .model import GPT
 from .runtime import Precision, UserError, device_name, is_out_of_memory
 
 # peak memory a micro-batch may take of a GPU's: the compiled model, the evaluation
@@ -35,7 +35,7 @@ def check_memory(cfg: TrainConfig, device: str) -> None:
     in fp32) alone exceed the device's memory: an out-of-memory error minutes in says
     less."""
     with torch.device("meta"):  # shapes only
-        n_params = make_model(cfg.model_config()).num_params()
+        n_params = GPT(cfg.model).num_params()
     need = 16 * n_params
     if torch.device(device).type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
@@ -45,8 +45,8 @@ def check_memory(cfg: TrainConfig, device: str) -> None:
         where = "this machine's memory"
     if need > have:
         raise UserError(
-            f"a GPT with n_layer={cfg.n_layer}, n_embd={cfg.n_embd} and "
-            f"{cfg.model_config().padded_vocab_size:,} embedding rows has {n_params:,} "
+            f"a GPT with n_layer={cfg.model.n_layer}, n_embd={cfg.model.n_embd} and "
+            f"{cfg.model.padded_vocab_size:,} embedding rows has {n_params:,} "
             f"parameters: {need / 2**30:,.1f} GiB for the weights, gradients and AdamW "
             f"alone, more than {where} ({have / 2**30:,.1f} GiB); make it smaller"
         )
@@ -64,7 +64,7 @@ def micro_batch_candidates(
 ) -> list[int]:
     """The micro-batches B that divide the token budget (total_batch_size = B ×
     block_size × processes × micro-steps), largest first; those below `below`."""
-    per_sequence = cfg.block_size * world_size
+    per_sequence = cfg.model.block_size * world_size
     top = cfg.total_batch_size // per_sequence
     top = top if below is None else min(top, below - 1)
     return [
@@ -72,16 +72,20 @@ def micro_batch_candidates(
     ]
 
 
-def micro_batch_fits(cfg: TrainConfig, env: dist.DistEnv, batch_size: int) -> bool:
+def micro_batch_fits(
+    cfg: TrainConfig, env: dist.DistEnv, batch_size: int, precision: Precision
+) -> bool:
     """Whether one training step with micro-batches of `batch_size` sequences fits in
     the device's memory: a fresh model and AdamW (whose moments the first update
-    allocates), random tokens, the run's precision, not compiled (which needs less)."""
-    precision = Precision.of(env.device, cfg.precision)
+    allocates), random tokens, the run's `precision`, not compiled (which needs
+    less)."""
     on_gpu = env.device.startswith("cuda")
     try:
         model, optimizer = build_model(cfg, env.device)
         x, y = torch.randint(
-            cfg.vocab_size, (2, batch_size, cfg.block_size), device=env.device
+            cfg.model.vocab_size,
+            (2, batch_size, cfg.model.block_size),
+            device=env.device,
         )
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(env.device)
@@ -107,12 +111,16 @@ def micro_batch_fits(cfg: TrainConfig, env: dist.DistEnv, batch_size: int) -> bo
 
 
 def largest_micro_batch(
-    cfg: TrainConfig, env: dist.DistEnv, below: int | None = None, fits=None
+    cfg: TrainConfig,
+    env: dist.DistEnv,
+    precision: Precision,
+    below: int | None = None,
+    fits=None,
 ) -> int | None:
     """The largest micro-batch (below `below`) that divides the budget and fits in
-    memory on every rank, by trying them from the largest down; None: not even 1.
-    `fits(batch_size)`: the trial (default: `micro_batch_fits`)."""
-    fits = fits or (lambda b: micro_batch_fits(cfg, env, b))
+    memory on every rank in `precision`, by trying them from the largest down; None:
+    not even 1. `fits(batch_size)`: the trial (default: `micro_batch_fits`)."""
+    fits = fits or (lambda b: micro_batch_fits(cfg, env, b, precision))
     candidates = micro_batch_candidates(cfg, env.world_size, below)
     if not env.device.startswith("cuda"):
         candidates = [b for b in candidates if b <= CPU_AUTO_LIMIT] or candidates[-1:]
@@ -123,20 +131,23 @@ def largest_micro_batch(
     return None
 
 
-def fit_batch_size(cfg: TrainConfig, env: dist.DistEnv, echo=print) -> TrainConfig:
-    """`cfg` with batch_size "auto" replaced by the largest micro-batch that fits, said
-    on rank 0 with `echo`; a ValueError if not even one sequence does."""
+def fit_batch_size(
+    cfg: TrainConfig, env: dist.DistEnv, precision: Precision, echo=print
+) -> TrainConfig:
+    """`cfg` with batch_size "auto" replaced by the largest micro-batch that fits in
+    the run's `precision`, said on rank 0 with `echo`; a ValueError if not even one
+    sequence does."""
     if cfg.batch_size != "auto":
         return cfg
-    found = largest_micro_batch(cfg, env)
+    found = largest_micro_batch(cfg, env, precision)
     where = device_name(env.device)
     if found is None:
         raise UserError(
-            f"--batch-size auto: not even one sequence of {cfg.block_size} tokens "
-            f"fits a training step on {env.device} ({where}); use a smaller model or "
-            "--block-size, or a device with more memory"
+            f"--batch-size auto: not even one sequence of {cfg.model.block_size} "
+            f"tokens fits a training step on {env.device} ({where}); use a smaller "
+            "model or --block-size, or a device with more memory"
         )
-    accum = cfg.total_batch_size // (found * cfg.block_size * env.world_size)
+    accum = cfg.total_batch_size // (found * cfg.model.block_size * env.world_size)
     if env.is_main:
         how = (
             "fits in memory"

@@ -18,41 +18,57 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .runtime import UserError
+from gpt2lib.runtime import (
+    Rule,
+    UserError,
+    at_least,
+    check_settings,
+    one_of,
+    refuse,
+    checked,
+)
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # longest sequence the model reads (HF: n_positions)
-    vocab_size: int = 50257  # 50,000 BPE merges + 256 bytes + <|endoftext|>
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    # longest sequence the model reads (HF: n_positions)
+    block_size: int = checked(1024, at_least(1))
+    # 50,000 BPE merges + 256 bytes + <|endoftext|>
+    vocab_size: int = checked(50257, at_least(1))
+    n_layer: int = checked(12, at_least(1))
+    n_head: int = checked(12, at_least(1))
+    n_embd: int = checked(768, at_least(1))
     # Two speed knobs that chapter 4 measures; neither changes the function computed.
     # "sdpa": PyTorch's fused attention; "manual": the masked softmax written out
-    attn_impl: str = "sdpa"
+    attn_impl: str = checked("sdpa", one_of("sdpa", "manual"))
     # store wte/lm_head rows for vocab_size rounded up to a multiple of this
-    pad_vocab_to: int = 1
+    pad_vocab_to: int = checked(
+        1, Rule(lambda v: 1 <= v <= 1024, "1 to 1024 (64 is the fast choice on a GPU)")
+    )
 
     def __post_init__(self):
-        for field in "block_size vocab_size n_layer n_head n_embd pad_vocab_to".split():
-            if getattr(self, field) < 1:
-                raise UserError(
-                    f"GPTConfig.{field} must be positive, got {getattr(self, field)}"
-                )
-        if self.n_embd % self.n_head:
-            raise UserError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
-        if self.attn_impl not in ("sdpa", "manual"):
-            raise UserError(
-                "GPTConfig.attn_impl must be 'sdpa' or 'manual', got "
-                f"{self.attn_impl!r}"
-            )
+        check_settings(self)  # each field's rule, as declared beside it
+        if self.n_embd % self.n_head:  # the heads split the width evenly
+            refuse("n_embd", self.n_embd, f"divisible by n_head = {self.n_head}")
 
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+    # The parts GPT is built from, defined below. Chapter 11's ModernConfig returns
+    # other parts, so that one GPT class builds every model a config describes.
+    def block(self) -> nn.Module:
+        return Block(self)
+
+    def position_embedding(self) -> nn.Module:
+        return nn.Embedding(self.block_size, self.n_embd)
+
+    def head(self) -> nn.Module:
+        return nn.Linear(self.n_embd, self.padded_vocab_size, bias=False)
+
+    @property
+    def tied_head(self) -> bool:  # the head's weight is wte's (weight tying)
+        return True
 
 # %% ../nbs/02_model.ipynb #c006
 def causal_mask(T_q: int, T_k: int, device=None):
@@ -165,13 +181,14 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                wpe=config.position_embedding(),
+                h=nn.ModuleList(config.block() for _ in range(config.n_layer)),
                 ln_f=nn.LayerNorm(config.n_embd),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        self.lm_head = config.head()
+        if config.tied_head:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -181,6 +198,8 @@ class GPT(nn.Module):
                 # two residual additions per block
                 std /= math.sqrt(2 * self.config.n_layer)
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "ZERO_INIT", False):  # chapter 11's zero_init_proj:
+                nn.init.zeros_(module.weight)  # drawn first, so the rest stay as is
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 

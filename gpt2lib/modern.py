@@ -6,8 +6,8 @@ soft-capping, each switched by a field of `ModernConfig`; all off, chapter 2's G
 
 # %% auto #0
 __all__ = [
-    'SWITCHES', 'ModernConfig', 'rotary', 'ModernAttention', 'ModernMLP', 'ModernBlock',
-    'NoPositionEmbedding', 'SoftcapHead', 'ModernGPT', 'make_model'
+    'SWITCHES', 'SWITCH', 'MAX_SOFTCAP', 'ModernConfig', 'rotary', 'ModernAttention',
+    'ModernMLP', 'ModernBlock', 'NoPositionEmbedding', 'SoftcapHead'
 ]
 
 # %% ../nbs/11_speedrun.ipynb #c004
@@ -19,47 +19,66 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gpt2lib.model import (
-    MLP,
-    GPT,
-    Block,
-    CausalSelfAttention,
-    GPTConfig,
-)
-from .runtime import UserError
+from .model import MLP, Block, CausalSelfAttention, GPTConfig
+from .runtime import Rule, refuse, checked
 
 SWITCHES = ("rope", "qk_norm", "relu2", "untie_head", "zero_init_proj", "softcap")
+SWITCH = Rule(lambda v: True, "true or false (with --arch modern)")
+MAX_SOFTCAP = 1000.0  # tanh(z / 1000) is z / 1000 for any logit a model makes
 
 
 @dataclass
 class ModernConfig(GPTConfig):
-    rope: bool = False  # rotary position embeddings in attention instead of wpe
-    rope_base: float = 10000.0  # RoFormer's: frequencies base^(-2i/head_dim)
-    qk_norm: bool = False  # RMS-normalise queries and keys per head
-    relu2: bool = False  # MLP activation max(x, 0)^2 instead of GELU
-    untie_head: bool = False  # lm_head has its own weight, not wte's
-    zero_init_proj: bool = False  # attention's and the MLP's c_proj start at zero
-    softcap: float = 0.0  # logits -> softcap * tanh(logits / softcap); 0: off
+    # rotary position embeddings in attention instead of wpe
+    rope: bool = checked(False, SWITCH)
+    # RoFormer's: frequencies base^(-2i/head_dim)
+    rope_base: float = checked(
+        10000.0,
+        Rule(lambda v: math.isfinite(v) and v > 1, "above 1 (RoFormer's is 10000)"),
+    )
+    qk_norm: bool = checked(False, SWITCH)  # RMS-normalise queries and keys per head
+    relu2: bool = checked(False, SWITCH)  # MLP activation max(x, 0)^2, not GELU
+    untie_head: bool = checked(False, SWITCH)  # lm_head has its own weight, not wte's
+    # attention's and the MLP's c_proj start at zero
+    zero_init_proj: bool = checked(False, SWITCH)
+    # logits -> softcap * tanh(logits / softcap); 0: off
+    softcap: float = checked(
+        0.0,
+        Rule(
+            lambda v: math.isfinite(v) and 0 <= v <= MAX_SOFTCAP,
+            f"0 (off) or a cap above 0 and at most {MAX_SOFTCAP:g}, e.g. 15 (with "
+            "--arch modern)",
+        ),
+    )
 
     def __post_init__(self):
         super().__post_init__()
-        if not (math.isfinite(self.softcap) and self.softcap >= 0):
-            raise UserError(
-                f"ModernConfig.softcap must be 0 (off) or above, got {self.softcap}"
-            )
         if self.rope and (self.n_embd // self.n_head) % 2:
-            raise UserError(
-                f"rope rotates pairs of coordinates: the head size n_embd / n_head = "
-                f"{self.n_embd // self.n_head} must be even"
-            )
-        if not (math.isfinite(self.rope_base) and self.rope_base > 1):
-            raise UserError(
-                f"ModernConfig.rope_base must be above 1, got {self.rope_base}"
+            refuse(
+                "rope",
+                self.rope,
+                f"false with an odd head size n_embd / n_head = "
+                f"{self.n_embd // self.n_head} (rotary embeddings rotate pairs of "
+                "coordinates: the head size must be even)",
             )
 
     def changes(self) -> list[str]:
         "The switches that are on: what this model changes in GPT-2 ([] for GPT-2)."
         return [name for name in SWITCHES if getattr(self, name)]
+
+    # The parts chapter 2's GPT is built from, as the switches choose them (below).
+    def block(self) -> nn.Module:
+        return ModernBlock(self)
+
+    def position_embedding(self) -> nn.Module:
+        return NoPositionEmbedding() if self.rope else super().position_embedding()
+
+    def head(self) -> nn.Module:
+        return SoftcapHead(self.n_embd, self.padded_vocab_size, self.softcap)
+
+    @property
+    def tied_head(self) -> bool:
+        return not self.untie_head
 
 
 def rotary(x, base: float = 10000.0, start: int = 0):
@@ -85,14 +104,15 @@ class ModernAttention(CausalSelfAttention):
             config.rope_base,
             config.qk_norm,
         )
+        # GPT._init_weights zeroes a ZERO_INIT weight after drawing it
+        self.c_proj.ZERO_INIT = config.zero_init_proj  # attention's output
 
     def transform_qk(self, q, k, start: int):
         "QK-norm, then rotary embeddings at the absolute positions start, start + 1..."
         if self.qk_norm:  # no learned gain: the speedrun's parameter-free RMSNorm
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
-        if (
-            self.rope
-        ):  # after the norm (a rotation keeps it); the cache keeps rotated keys
+        # rotary after the norm (a rotation keeps it); the cache keeps rotated keys
+        if self.rope:
             q, k = rotary(q, self.rope_base, start), rotary(k, self.rope_base, start)
         return q, k
 
@@ -103,6 +123,7 @@ class ModernMLP(MLP):
     def __init__(self, config: ModernConfig):
         super().__init__(config)
         self.relu2 = config.relu2
+        self.c_proj.ZERO_INIT = config.zero_init_proj  # the MLP's output
 
     def forward(self, x):
         h = self.c_fc(x)
@@ -139,38 +160,3 @@ class SoftcapHead(nn.Linear):
         return (
             self.softcap * torch.tanh(logits / self.softcap) if self.softcap else logits
         )
-
-
-class ModernGPT(GPT):
-    """Chapter 2's GPT, its forward and generate unchanged, built from the modern parts.
-    The modules are made in GPT's order, so a seed gives GPT's initial weights."""
-
-    def __init__(self, config: ModernConfig):
-        nn.Module.__init__(self)
-        self.config = config
-        no_wpe = NoPositionEmbedding()
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-                wpe=no_wpe
-                if config.rope
-                else nn.Embedding(config.block_size, config.n_embd),
-                h=nn.ModuleList(ModernBlock(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd),
-            )
-        )
-        self.lm_head = SoftcapHead(
-            config.n_embd, config.padded_vocab_size, config.softcap
-        )
-        if not config.untie_head:
-            self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
-        self.apply(self._init_weights)  # GPT-2's init (std 0.02, residual 1/sqrt(2L))
-        if config.zero_init_proj:
-            for block in self.transformer.h:
-                nn.init.zeros_(block.attn.c_proj.weight)
-                nn.init.zeros_(block.mlp.c_proj.weight)
-
-
-def make_model(config: GPTConfig) -> GPT:
-    "The model a config describes: `ModernGPT` for a `ModernConfig`, else `GPT`."
-    return ModernGPT(config) if isinstance(config, ModernConfig) else GPT(config)

@@ -162,7 +162,7 @@ def check_precision(pf: Preflight) -> str:
     "The run's precision on this device, and its micro-batch (chosen if auto)."
     pf.precision = Precision.of(pf.env.device, pf.cfg.precision)
     auto = pf.cfg.batch_size == "auto"
-    pf.cfg = fit_batch_size(pf.cfg, pf.env, echo=lambda text: None)
+    pf.cfg = fit_batch_size(pf.cfg, pf.env, pf.precision, echo=lambda text: None)
     return f"{pf.precision.describe()}; micro-batch " + (
         f"{pf.cfg.batch_size} (auto: the largest that fits)"
         if auto
@@ -188,10 +188,10 @@ def check_data(pf: Preflight) -> str:
         if isinstance(source, Path):
             tokens = load_tokens(source)
             top = int(tokens[:: max(1, len(tokens) // 1_000_000)].max())
-            if top >= cfg.vocab_size:
+            if top >= cfg.model.vocab_size:
                 raise Failed(
                     f"{source}: token id {top} does not fit "
-                    f"vocab_size {cfg.vocab_size}",
+                    f"vocab_size {cfg.model.vocab_size}",
                     "make the shards with GPT-2's tokenizer (gpt2-fineweb)",
                 )
     pf.loaders = loader, val_loader
@@ -249,14 +249,14 @@ def out_of_memory(pf: Preflight) -> Failed:
     pf.run = None
     release(env)
     # gpt2lib.train's search, as --batch-size auto runs it
-    fits = largest_micro_batch(cfg, env, below=cfg.batch_size)
+    fits = largest_micro_batch(cfg, env, pf.precision, below=cfg.batch_size)
     if fits is None:
         return Failed(
             f"out of memory at micro-batch {cfg.batch_size}, and no smaller one "
             "that divides the budget fits",
             "a smaller model, or a device with more memory",
         )
-    accum = cfg.total_batch_size // (fits * cfg.block_size * env.world_size)
+    accum = cfg.total_batch_size // (fits * cfg.model.block_size * env.world_size)
     return Failed(
         f"out of memory at micro-batch {cfg.batch_size}; {fits} fits",
         f"--batch-size {fits} (gradient accumulation of {accum} micro-steps keeps "
@@ -278,7 +278,7 @@ def check_step(pf: Preflight) -> str:
         cfg.total_batch_size,
         m.step_s,
         env.world_size,
-        flops_per_token(cfg.model_config(), cfg.block_size),
+        flops_per_token(cfg.model, cfg.model.block_size),
         pf.peak_tflops,
     )
     if env.device.startswith("cuda"):
@@ -612,7 +612,7 @@ def preflight(
         "checks": [asdict(c) for c in checks],
         "passed": all(c.status in ("ok", "warning") for c in checks),
         "estimate": pf.estimate,
-        "config": asdict(pf.cfg),
+        "config": pf.cfg.settings(),
         "world_size": env.world_size,
         "compile": compile,
         "parallel": pf.parallel,

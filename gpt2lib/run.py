@@ -61,7 +61,9 @@ def make_loaders(cfg: TrainConfig, env: dist.DistEnv):
     """The training loader (reshuffled each epoch) and the validation loader (None
     without validation data)."""
     train_data, val_data = load_data(cfg)
-    shape = dict(B=cfg.batch_size, T=cfg.block_size, vocab_size=cfg.vocab_size)
+    shape = dict(
+        B=cfg.batch_size, T=cfg.model.block_size, vocab_size=cfg.model.vocab_size
+    )
     where = dict(rank=env.rank, world_size=env.world_size)
     loader = DataLoader(train_data, **shape, **where, seed=cfg.seed)
     if val_data is None:
@@ -71,7 +73,7 @@ def make_loaders(cfg: TrainConfig, env: dist.DistEnv):
     if cfg.eval_batches > available:
         raise UserError(
             f"eval_batches = {cfg.eval_batches} is more than the validation data "
-            f"holds: {available} batches of {cfg.batch_size} × {cfg.block_size} "
+            f"holds: {available} batches of {cfg.batch_size} × {cfg.model.block_size} "
             "tokens; lower --eval-batches"
         )
     return loader, val_loader
@@ -159,7 +161,7 @@ class Run:
         cfg, env = self.cfg, self.env
         t0 = time.perf_counter()
         accum = grad_accum_steps(
-            cfg.total_batch_size, cfg.batch_size, cfg.block_size, env.world_size
+            cfg.total_batch_size, cfg.batch_size, cfg.model.block_size, env.world_size
         )
         batches = [
             tuple(t.to(env.device, non_blocking=True) for t in self.loader.next_batch())

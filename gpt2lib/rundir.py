@@ -11,7 +11,6 @@ __all__ = [
 
 # %% ../nbs/09_train.ipynb #c014
 import contextlib
-import dataclasses
 import json
 import math
 import sys
@@ -208,7 +207,7 @@ class RunDir:
     def log_samples(self, step: int, texts: list[str]) -> None:
         self._append(self.samples_path, {"step": step, "samples": texts})
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         "Nothing to close (a `Logger` like the others): each entry is written at once."
 
     def _append(self, path: Path, entry: dict) -> None:
@@ -238,7 +237,7 @@ class RunDir:
             return
         summary = {
             **final,
-            "config": dataclasses.asdict(cfg),
+            "config": cfg.settings(),
             **provenance(device),
             "world_size": world_size,
             "seconds_this_invocation": round(seconds, 1),

@@ -6,12 +6,13 @@ result, and one-line errors for the commands."""
 
 # %% auto #0
 __all__ = [
-    'PRECISIONS', 'AUTOCAST_DTYPES', 'LOCK_NAME', 'CPU_FLAGS', 'USER_ERRORS',
-    'EXIT_INTERRUPTED', 'UserError', 'default_device', 'resolve_device', 'bf16_native',
-    'choose_precision', 'describe_precision', 'autocast_for', 'grad_scaler',
-    'Precision', 'set_tf32', 'atomic_write', 'DirectoryLocked', 'lock_directory',
-    'cpu_info', 'device_name', 'git_state', 'provenance', 'is_out_of_memory',
-    'one_line', 'command_name', 'run_command'
+    'ANY', 'PRECISIONS', 'AUTOCAST_DTYPES', 'LOCK_NAME', 'CPU_FLAGS', 'USER_ERRORS',
+    'EXIT_INTERRUPTED', 'UserError', 'default_device', 'resolve_device', 'Rule',
+    'at_least', 'one_of', 'checked', 'option', 'refuse', 'has_type', 'check_settings',
+    'bf16_native', 'choose_precision', 'describe_precision', 'autocast_for',
+    'grad_scaler', 'Precision', 'set_tf32', 'atomic_write', 'DirectoryLocked',
+    'lock_directory', 'cpu_info', 'device_name', 'git_state', 'provenance',
+    'is_out_of_memory', 'one_line', 'command_name', 'run_command'
 ]
 
 # %% ../nbs/00_runtime.ipynb #c003
@@ -88,6 +89,80 @@ def resolve_device(name: str | None = None) -> str:
             f"--device {name}: gpt2lib runs on cpu, cuda or mps, not {device.type}"
         )
     return name
+
+# %% ../nbs/00_runtime.ipynb #c004s
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    "What a setting may be: `test(value)` says if a value is; `allowed`, in words."
+
+    test: Callable[[object], bool]
+    allowed: str  # in words, completing "it must be ..."
+
+
+def at_least(low: int) -> Rule:
+    return Rule(lambda v: v >= low, f"at least {low}")
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda v: v in choices, " or ".join(choices))
+
+
+ANY = Rule(lambda v: True, "anything")  # for a flag whose every value is allowed
+
+
+def checked(default, rule: Rule, **metadata):
+    "A dataclass field with its rule beside its default (in the field's metadata)."
+    return dataclasses.field(default=default, metadata={"rule": rule, **metadata})
+
+
+def option(name: str) -> str:
+    "The command-line option that sets the field `name`: n_layer -> --n-layer."
+    return "--" + name.replace("_", "-")
+
+
+def refuse(name: str, value, allowed: str):
+    raise UserError(
+        f"{name} = {value!r} is not allowed: it must be {allowed} ({option(name)})"
+    )
+
+
+def has_type(value, kind) -> bool:
+    "isinstance, except that a bool is no int and an int is a float (argparse's view)."
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return True
+    if (
+        isinstance(value, bool)
+        and kind is not bool
+        and bool not in getattr(kind, "__args__", ())
+    ):
+        return False
+    return isinstance(value, kind)
+
+
+def check_settings(settings) -> None:
+    """Raise a UserError naming the first field of the dataclass `settings` whose
+    value has the wrong type or breaks its rule; a field that is itself settings (a
+    run's model config) is checked the same way. A field without a rule is a
+    TypeError: a bug."""
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if dataclasses.is_dataclass(value) and "rule" not in field.metadata:
+            check_settings(value)
+            continue
+        rule = field.metadata.get("rule")
+        if rule is None:
+            raise TypeError(
+                f"{type(settings).__name__}.{field.name} has no rule: declare it with "
+                "checked(default, rule)"
+            )
+        if not has_type(value, field.type):
+            refuse(
+                field.name,
+                value,
+                f"of type {getattr(field.type, '__name__', field.type)}",
+            )
+        if not rule.test(value):
+            refuse(field.name, value, rule.allowed)
 
 # %% ../nbs/00_runtime.ipynb #c006
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # what TrainConfig.precision may say

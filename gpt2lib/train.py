@@ -11,7 +11,6 @@ __all__ = [
 
 # %% ../nbs/09_train.ipynb #t000
 import argparse
-import dataclasses
 import signal
 import time
 
@@ -190,7 +189,7 @@ def train(
     precision = Precision.of(env.device, cfg.precision)  # what this device can
     check_parallel(parallel, env, precision, cfg.optimizer)
     check_memory(cfg, env.device)
-    cfg = fit_batch_size(cfg, env)  # "auto": the largest micro-batch that fits
+    cfg = fit_batch_size(cfg, env, precision)  # "auto": the largest that fits
     if env.is_main:
         print(f"precision: {precision.describe()}", flush=True)
     # then the data and what the evaluations need, before anything is written
@@ -206,9 +205,7 @@ def train(
             return {"steps": start, "finished": True, "already_finished": True}
         dist.on_main(lambda: rundir.rewind(start))  # its later steps are done again
         options = dict(tensorboard=tensorboard, wandb_project=wandb, main=env.is_main)
-        with open_loggers(
-            rundir, start, config=dataclasses.asdict(cfg), **options
-        ) as log:
+        with open_loggers(rundir, start, config=cfg.settings(), **options) as log:
             stopped_by = run_steps(
                 run, evaluations, checkpointer, log, stop_after, progress
             )

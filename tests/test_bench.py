@@ -34,6 +34,16 @@ def test_flops_per_token_of_gpt2_124m():
     )
 
 
+def test_flops_per_token_count_matmuls_not_lookups_for_the_modern_model():
+    # rotary embeddings drop wpe (a lookup, no FLOPs); an untied head is the same matmul
+    # as a tied one, and its own wte is a lookup: the same FLOPs as GPT-2's
+    from gpt2lib.modern import ModernConfig
+
+    gpt2 = flops_per_token(GPTConfig(), 1024)
+    for switches in (dict(rope=True), dict(untie_head=True), dict(relu2=True)):
+        assert flops_per_token(ModernConfig(**switches), 1024) == gpt2, switches
+
+
 def test_peak_table():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe") == 756.5

@@ -9,12 +9,13 @@ import pytest
 
 from gpt2lib.config import (
     PRESETS,
-    RULES,
     TrainConfig,
     add_config_arguments,
     config_from_args,
     value_parser,
 )
+from gpt2lib.modern import ModernConfig
+from gpt2lib.runtime import Rule, check_settings
 
 SMOKE = PRESETS["smoke"]
 
@@ -24,8 +25,19 @@ def test_presets_are_valid():
         assert preset.validate() is preset, name
 
 
-def test_every_field_has_a_rule():
-    assert RULES.keys() == {f.name for f in dataclasses.fields(TrainConfig)}
+def test_every_setting_has_its_rule_beside_it():
+    for kind in (TrainConfig, ModernConfig):
+        for field in dataclasses.fields(kind):
+            assert field.name == "model" or isinstance(field.metadata["rule"], Rule)
+
+
+def test_a_setting_declared_without_a_rule_fails_the_check_not_a_run():
+    @dataclasses.dataclass
+    class Loose:
+        n_layer: int = 1
+
+    with pytest.raises(TypeError, match="Loose.n_layer has no rule"):
+        check_settings(Loose())
 
 
 # (field, a value out of its range, words the error must contain)
@@ -78,9 +90,9 @@ BAD = [
     "field, value, words", BAD, ids=[f"{f}={v!r}"[:40] for f, v, _ in BAD]
 )
 def test_out_of_range_setting_names_itself_and_the_range(field, value, words):
-    cfg = dataclasses.replace(SMOKE, **{field: value})
+    # the model's settings are refused when its config is made, the run's at validate()
     with pytest.raises(ValueError) as err:
-        cfg.validate()
+        SMOKE.replace(**{field: value}).validate()
     message = str(err.value)
     assert (
         message.startswith(f"{field} = ") and words in message and "\n" not in message
@@ -96,15 +108,14 @@ def test_the_budget_is_checked_for_the_number_of_processes():
 
 def test_auto_batch_size_needs_a_budget_that_one_sequence_divides():
     for precision in ("auto", "bf16", "fp16", "fp32"):
-        dataclasses.replace(SMOKE, batch_size="auto", precision=precision).validate()
+        SMOKE.replace(batch_size="auto", precision=precision).validate()
     # 256 tokens per step are not a whole number of sequences of 48 tokens
     with pytest.raises(ValueError, match="1 × 48 × 1 = 48"):
-        dataclasses.replace(SMOKE, batch_size="auto", block_size=48).validate()
+        SMOKE.replace(batch_size="auto", block_size=48).validate()
 
 
 def test_boundary_values_are_allowed():
-    dataclasses.replace(
-        SMOKE,
+    SMOKE.replace(
         val_fraction=0.0,
         min_lr_ratio=1.0,
         warmup_steps=SMOKE.max_steps,
@@ -143,10 +154,29 @@ def test_command_line_settings_replace_only_what_is_given():
     cfg = config_from_args(
         ap.parse_args(["--max-lr", "3e-4", "--hellaswag", "", "--n-layer", "1"])
     )
-    assert cfg == dataclasses.replace(SMOKE, max_lr=3e-4, hellaswag="", n_layer=1)
+    assert cfg == SMOKE.replace(max_lr=3e-4, hellaswag="", n_layer=1)
     assert config_from_args(ap.parse_args([])) == SMOKE
     with pytest.raises(SystemExit):
         ap.parse_args(["--batch-size", "four"])
     assert config_from_args(ap.parse_args(["--batch-size", "auto"])).batch_size == (
         "auto"
     )
+
+
+def test_replace_routes_the_models_settings_to_the_nested_config():
+    cfg = SMOKE.replace(n_layer=1, rope_base=500.0, max_lr=2e-3)
+    assert (cfg.model.n_layer, cfg.model.rope_base, cfg.max_lr) == (1, 500.0, 2e-3)
+    assert cfg.model.n_embd == SMOKE.model.n_embd and SMOKE.model.n_layer == 2
+    with pytest.raises(TypeError):
+        SMOKE.replace(n_layers=1)  # a misspelt setting is not silently dropped
+
+
+def test_settings_are_one_flat_dict_that_rebuilds_the_config():
+    # what logs and checkpoints record: every setting once, the model's included
+    for name, preset in PRESETS.items():
+        settings = preset.settings()
+        names = [f.name for f in dataclasses.fields(ModernConfig)] + [
+            f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"
+        ]
+        assert sorted(settings) == sorted(names), name
+        assert TrainConfig().replace(**settings) == preset, name

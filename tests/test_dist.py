@@ -26,7 +26,7 @@ from gpt2lib.runtime import UserError
 # The smoke preset with 512 tokens per step: 2 micro-steps per rank on 2 ranks (so
 # no_sync is
 # used), 4 micro-steps in one process. Checkpoints at steps 3 and 6.
-SMOKE = dataclasses.replace(PRESETS["smoke"], total_batch_size=512)
+SMOKE = PRESETS["smoke"].replace(total_batch_size=512)
 CLI = [
     "--preset",
     "smoke",
@@ -255,7 +255,7 @@ def test_muon_on_two_ranks_equals_one_process(tmp_path):
     # Muon needs no communication of its own: after DDP's all-reduce each rank holds the
     # averaged gradient and takes the same orthogonalised step. Chapter 11's modern model, so
     # that every switch's code runs under DDP too.
-    cfg = dataclasses.replace(SMOKE, **MODERN_RECIPE)
+    cfg = SMOKE.replace(**MODERN_RECIPE)
     train(cfg, tmp_path / "one", device="cpu", progress=False)
     result = torchrun(2, "--out", str(tmp_path / "two"), *as_cli(MODERN_RECIPE))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1465,7 +1465,7 @@ def test_an_empty_shard_is_refused_alike_by_every_command(
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_good_ones_kept(
     tmp_path, capsys
 ):
-    keep_two = dataclasses.replace(SMOKE, keep_checkpoints=2)
+    keep_two = SMOKE.replace(keep_checkpoints=2)
     out = tmp_path / "run"
     train(keep_two, out, device="cpu", stop_after=4, progress=False)  # 3 and 4
     newest = out / "ckpt_0000004.pt"

@@ -35,7 +35,7 @@ SMOKE = PRESETS["smoke"]
 def untied(tmp_path_factory):
     "A finished smoke run of chapter 11's model with only its head untied."
     out = tmp_path_factory.mktemp("untied") / "run"
-    config = dataclasses.replace(SMOKE, arch="modern", untie_head=True)
+    config = SMOKE.replace(arch="modern", untie_head=True)
     train(config, out, device="cpu", progress=False)
     return out
 
@@ -185,7 +185,7 @@ def test_an_exported_untied_head_loads_with_its_own_weights(untied, tmp_path, ca
     loaded, _ = load_model(str(out))  # what gpt2-sample and gpt2-evaluate call
     assert loaded.lm_head.weight is not loaded.transformer.wte.weight
     assert torch.equal(loaded.lm_head.weight, original.lm_head.weight)
-    idx = torch.randint(0, SMOKE.vocab_size, (2, SMOKE.block_size))
+    idx = torch.randint(0, SMOKE.model.vocab_size, (2, SMOKE.model.block_size))
     with torch.no_grad():
         # the same fp32 weights through the same operations on the same shapes (no
         # padded vocabulary, the other switches off): equal bit for bit

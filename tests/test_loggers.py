@@ -416,14 +416,33 @@ def test_closing_closes_every_logger_even_after_a_failure():
     closed = []
 
     class Failing:
-        def close(self):
+        def close(self, failed=False):
             closed.append("failing")
             raise OSError("disk full")
 
     class Fine:
-        def close(self):
+        def close(self, failed=False):
             closed.append("fine")
 
     with pytest.raises(OSError, match="disk full"):
         Loggers([Fine(), Failing(), Fine()]).close()
     assert sorted(closed) == ["failing", "fine", "fine"]
+
+
+def test_a_run_that_stops_on_an_error_is_marked_failed_in_wandb(tmp_path, offline):
+    # W&B shows a run's outcome from its exit record: a crash must not read "finished"
+    run = run_dir(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="a bug"):
+        with open_loggers(run, 0, wandb_project="gpt2") as loggers:
+            loggers.log({"step": 0, "loss": 1.0})
+            raise RuntimeError("a bug")
+    crashed = (tmp_path / "run" / WANDB_ID).read_text().strip()
+    run.rewind(0)
+    with open_loggers(run, 0, wandb_project="gpt2") as loggers:  # a new W&B run
+        loggers.log({"step": 0, "loss": 1.0})
+    outcomes = {}
+    for path in (tmp_path / "run" / "wandb").glob("offline-run-*"):
+        records = finished_records(path)
+        run_id = next(r.run.run_id for r in records if r.HasField("run"))
+        outcomes[run_id] = next(r.exit.exit_code for r in records if r.HasField("exit"))
+    assert outcomes.pop(crashed) == 1 and list(outcomes.values()) == [0]

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from gpt2lib.model import GPT, GPTConfig, KVCache
-from gpt2lib.modern import SWITCHES, ModernConfig, ModernGPT, make_model, rotary
+from gpt2lib.model import GPT, Block, GPTConfig, KVCache
+from gpt2lib.modern import SWITCHES, ModernBlock, ModernConfig, rotary
 
 SHAPE = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 ON = dict(
@@ -24,7 +24,7 @@ OFF = {name: getattr(ModernConfig, name) for name in SWITCHES}  # the defaults
 
 def build(config, seed=0):
     torch.manual_seed(seed)
-    return make_model(config)
+    return GPT(config)  # one class: the config names the parts
 
 
 def tokens(seed=1, T=32):
@@ -40,7 +40,8 @@ def test_with_every_switch_off_it_is_gpt2_bit_for_bit(extra):
         build(GPTConfig(**SHAPE, **extra)),
         build(ModernConfig(**SHAPE, **extra)),
     )
-    assert type(modern) is ModernGPT and modern.config.changes() == []
+    assert type(modern) is GPT and modern.config.changes() == []
+    assert all(type(block) is ModernBlock for block in modern.transformer.h)
     a, b = gpt2.state_dict(), modern.state_dict()
     assert list(a) == list(b)
     assert all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
@@ -56,8 +57,11 @@ def test_with_every_switch_off_it_is_gpt2_bit_for_bit(extra):
     assert not torch.equal(build(ModernConfig(**SHAPE, **extra), seed=1)(x)[0], lb)
 
 
-def test_make_model_builds_gpt_for_a_gpt_config():
-    assert type(build(GPTConfig(**SHAPE))) is GPT
+def test_a_gpt_config_builds_chapter_2s_parts():
+    model = build(GPTConfig(**SHAPE))
+    assert all(type(block) is Block for block in model.transformer.h)
+    assert type(model.transformer.wpe) is torch.nn.Embedding
+    assert type(model.lm_head) is torch.nn.Linear
 
 
 @pytest.mark.parametrize("switch", SWITCHES)
@@ -277,7 +281,7 @@ def random_modern(attn_impl="sdpa", seed=0, **switches):
     config = ModernConfig(
         **{**SHAPE, "block_size": 16}, attn_impl=attn_impl, **switches
     )
-    model = ModernGPT(config).double().eval()
+    model = GPT(config).double().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -332,7 +336,7 @@ def test_generation_with_the_kv_cache_equals_recomputing_the_context(attn_impl):
     # position: greedy tokens with the cache equal those of recomputing the whole context
     # every step, past block_size too (where the window slides and the cache is rebuilt).
     torch.manual_seed(0)
-    model = ModernGPT(
+    model = GPT(
         ModernConfig(**{**SHAPE, "block_size": 8}, **ON, attn_impl=attn_impl)
     ).eval()
     with torch.no_grad():

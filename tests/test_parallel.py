@@ -122,7 +122,7 @@ def test_a_ddp_checkpoint_resumes_under_fsdp(one_process, two_ranks, tmp_path):
 
 def test_an_fsdp_checkpoint_resumes_in_one_process(one_process, fsdp_ranks, tmp_path):
     out = resume_from_step_3(fsdp_ranks[0], tmp_path)
-    scored = dataclasses.replace(SMOKE, hellaswag=HELLASWAG, hellaswag_limit=3)
+    scored = SMOKE.replace(hellaswag=HELLASWAG, hellaswag_limit=3)
     train(scored, out, device="cpu", resume=True, progress=False)
     assert [e["step"] for e in log(out)[0]] == list(range(SMOKE.max_steps))
     assert largest_difference(losses(out)[0], losses(one_process)[0]) < 1e-5
@@ -231,7 +231,7 @@ def test_an_unknown_kind_of_parallelism(tmp_path, capsys):
 
 def test_what_fsdp_cannot_do_is_refused_before_any_work(tmp_path):
     two = dist.DistEnv(rank=0, world_size=2, backend="gloo")  # before any collective
-    muon = dataclasses.replace(SMOKE, optimizer="muon")
+    muon = SMOKE.replace(optimizer="muon")
     with pytest.raises(
         UserError, match="--parallel fsdp cannot run Muon.*--parallel ddp"
     ):

@@ -65,7 +65,7 @@ def runs(tmp_path_factory):
     for precision in ("fp32", "bf16", "fp16"):
         out[precision] = tmp_path_factory.mktemp(precision)
         train(
-            dataclasses.replace(SMOKE, precision=precision),
+            SMOKE.replace(precision=precision),
             out[precision],
             device="cpu",
             progress=False,

@@ -75,9 +75,7 @@ def test_the_smoke_preset_passes_and_leaves_nothing_that_stops_the_run(tmp_path)
 
 
 def test_data_beyond_one_epoch_is_a_warning(tmp_path):
-    report = quiet(
-        dataclasses.replace(SMOKE, max_steps=2000, warmup_steps=2), tmp_path / "run"
-    )
+    report = quiet(SMOKE.replace(max_steps=2000, warmup_steps=2), tmp_path / "run")
     assert report["passed"] and statuses(report)["data"] == "warning"
     data = next(c for c in report["checks"] if c["name"] == "data")
     assert "more than one pass over the data" in data["detail"]
@@ -94,9 +92,7 @@ def shards(tmp_path, names_and_sizes) -> str:
 
 def test_a_missing_validation_shard(tmp_path):
     data = shards(tmp_path, [("x_train_1.npy", 5000)])
-    check = failed(
-        quiet(dataclasses.replace(SMOKE, data=data), tmp_path / "run"), "data"
-    )
+    check = failed(quiet(SMOKE.replace(data=data), tmp_path / "run"), "data")
     assert (
         "has no validation split" in check["detail"]
         and "--eval-every 0" in check["fix"]
@@ -105,7 +101,7 @@ def test_a_missing_validation_shard(tmp_path):
 
 def test_too_few_tokens(tmp_path):
     data = shards(tmp_path, [("x_val_0.npy", 5000), ("x_train_1.npy", 100)])
-    report = quiet(dataclasses.replace(SMOKE, data=data), tmp_path / "run")
+    report = quiet(SMOKE.replace(data=data), tmp_path / "run")
     assert "shorter than one batch" in failed(report, "data")["detail"]
     assert statuses(report)["step"] == "skipped" and not report["passed"]
 
@@ -234,7 +230,7 @@ def test_batch_size_auto_is_chosen_by_the_same_search_as_the_run(tmp_path, monke
         return real_step(model, optimizer, batches, *args, **kwargs)
 
     monkeypatch.setattr(optim, "train_step", small_memory)
-    report = quiet(dataclasses.replace(SMOKE, batch_size="auto"), tmp_path / "run")
+    report = quiet(SMOKE.replace(batch_size="auto"), tmp_path / "run")
     check = next(c for c in report["checks"] if c["name"] == "precision")
     assert check["detail"] == "fp32; micro-batch 2 (auto: the largest that fits)"
     assert report["passed"] and report["config"]["batch_size"] == 2
@@ -276,9 +272,7 @@ def test_the_estimate_counts_what_the_training_loop_does(tmp_path):
     from gpt2lib.rundir import read_log
     from gpt2lib.evaluations import run_events
 
-    cfg = dataclasses.replace(
-        SMOKE, max_steps=7, eval_every=3, sample_every=2, checkpoint_every=7
-    )
+    cfg = SMOKE.replace(max_steps=7, eval_every=3, sample_every=2, checkpoint_every=7)
     train(cfg, tmp_path, device="cpu", progress=False)
     evaluated = [e["step"] for e in read_log(tmp_path / "log.jsonl") if "val_loss" in e]
     sampled = [e["step"] for e in read_log(tmp_path / "samples.jsonl")]

@@ -71,7 +71,7 @@ def quoted_figures() -> list[str]:
     shakespeare = PRESETS["shakespeare"]
     # the default preset as it is now, in every field the run recorded
     assert {k: v for k, v in run.items() if k != "data"} == {
-        k: getattr(shakespeare, k) for k in run if k != "data"
+        k: shakespeare.settings()[k] for k in run if k != "data"
     }
     figures = [
         f"Measured on a 2-core CPU (the CI machine type, torch {torch_version} CPU): "
@@ -79,7 +79,7 @@ def quoted_figures() -> list[str]:
         f"tokens) in {summary['seconds_this_invocation'] / 60:.1f} minutes, final "
         f"validation loss {summary['val_loss']:.2f} (from {at_init:.2f} at "
         "initialisation)",
-        f"a {shakespeare.n_layer}-layer, {shakespeare.n_embd}-wide GPT",
+        f"a {shakespeare.model.n_layer}-layer, {shakespeare.model.n_embd}-wide GPT",
         f"the last {shakespeare.val_fraction:.0%}".replace("%", " %"),
         f"checkpoints (the last {shakespeare.keep_checkpoints})",
         f"prints the validation loss and {NUMBER_WORDS[shakespeare.num_samples]} "
@@ -88,7 +88,7 @@ def quoted_figures() -> list[str]:
     # the GPT-2 124M recipe
     gpt2 = PRESETS["gpt2-124m"]
     figures.append(
-        f"(B={gpt2.batch_size}, T={gpt2.block_size}, {gpt2.total_batch_size:,} tokens "
+        f"(B={gpt2.batch_size}, T={gpt2.model.block_size}, {gpt2.total_batch_size:,} tokens "
         f"per step, {gpt2.max_steps:,} steps, max lr {gpt2.max_lr:.0e} with "
         f"{gpt2.warmup_steps} warm-up steps, weight decay {gpt2.weight_decay}), "
         f"validating and scoring HellaSwag every {gpt2.eval_every} steps".replace(
@@ -96,7 +96,9 @@ def quoted_figures() -> list[str]:
         )
     )
     assert gpt2.eval_every == gpt2.sample_every
-    padded = -(-gpt2.vocab_size // gpt2.pad_vocab_to) * gpt2.pad_vocab_to
+    padded = (
+        -(-gpt2.model.vocab_size // gpt2.model.pad_vocab_to) * gpt2.model.pad_vocab_to
+    )
     figures.append(f"vocabulary padded to {padded:,}")
     figures.append(f"{SHARD_SIZE // 10**6}M-token uint16 shards")
     # the preflight's estimate, stale: HellaSwag timed on its first call

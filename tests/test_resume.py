@@ -159,7 +159,7 @@ def test_a_resumed_run_rewrites_its_log_up_to_the_checkpoint(tmp_path):
     train(SMOKE, straight, device="cpu", progress=False)
     run = tmp_path / "run"
     train(
-        dataclasses.replace(SMOKE, checkpoint_every=2),
+        SMOKE.replace(checkpoint_every=2),
         run,
         device="cpu",
         stop_after=3,
@@ -172,7 +172,7 @@ def test_a_resumed_run_rewrites_its_log_up_to_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="different settings \\(checkpoint_every\\)"):
         train(SMOKE, run, device="cpu", resume=True, progress=False)
     train(
-        dataclasses.replace(SMOKE, checkpoint_every=2),
+        SMOKE.replace(checkpoint_every=2),
         run,
         device="cpu",
         resume=True,
@@ -199,7 +199,7 @@ def test_an_fp16_run_resumes_bit_for_bit_with_its_gradient_scale(tmp_path, monke
             "cpu", enabled=chosen == "fp16", growth_interval=1
         ),
     )
-    fp16 = dataclasses.replace(SMOKE, precision="fp16")
+    fp16 = SMOKE.replace(precision="fp16")
 
     def steps(run):
         return [

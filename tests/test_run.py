@@ -33,6 +33,15 @@ def test_a_run_decides_its_precision_once(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "choose_precision", counted)
     train(SMOKE, tmp_path / "run", device="cpu", progress=False)
     assert asked == ["auto"]
+    # the micro-batch search of --batch-size auto tries in the run's precision too
+    asked.clear()
+    train(
+        SMOKE.replace(batch_size="auto"),
+        tmp_path / "auto",
+        device="cpu",
+        progress=False,
+    )
+    assert asked == ["auto"]
 
 
 class Counter:
@@ -103,7 +112,7 @@ def test_an_evaluation_plugs_in_with_one_registration(tmp_path, monkeypatch):
     cadence, the preflight times it, and the estimate counts it, with no change to
     `train` or `preflight`."""
     monkeypatch.setattr(evaluations, "EVALUATIONS", [*evaluations.EVALUATIONS, Toy])
-    cfg = dataclasses.replace(SMOKE, max_steps=5, checkpoint_every=2)
+    cfg = SMOKE.replace(max_steps=5, checkpoint_every=2)
     train(cfg, tmp_path / "run", device="cpu", progress=False)
     logged = [e for e in read_log(tmp_path / "run" / "log.jsonl") if "toy" in e]
     assert [(e["step"], e["toy"]) for e in logged] == [

@@ -1,4 +1,3 @@
-import dataclasses
 import subprocess
 import sys
 
@@ -18,9 +17,10 @@ from gpt2lib.evaluate import validation_loss
 from gpt2lib.config import PRESETS
 from gpt2lib.train import train
 from gpt2lib.rundir import read_log
-from gpt2lib.runtime import UserError
+from gpt2lib.runtime import Precision, UserError
 
 SMOKE = PRESETS["smoke"]
+FP32 = Precision.of("cpu", "fp32")  # the micro-batch search's, where a test decides
 
 
 def losses(out):
@@ -116,17 +116,14 @@ def test_checkpoint_holds_the_whole_state_and_loads_weights_only(straight):
     path = list_checkpoints(out)[-1]
     state = torch.load(path, weights_only=True)
     assert {"model", "optimizer", "loader", "step", "config", "rng"} <= state.keys()
-    assert (
-        state["config"] == dataclasses.asdict(SMOKE)
-        and state["step"] == SMOKE.max_steps
-    )
+    assert state["config"] == SMOKE.settings() and state["step"] == SMOKE.max_steps
 
 
 def test_resume_with_another_config_is_refused(straight, tmp_path):
     train(SMOKE, tmp_path, device="cpu", stop_after=3, progress=False)
     with pytest.raises(ValueError, match="different settings \\(max_lr\\)"):
         train(
-            dataclasses.replace(SMOKE, max_lr=1.0),
+            SMOKE.replace(max_lr=1.0),
             tmp_path,
             device="cpu",
             resume=True,
@@ -257,12 +254,14 @@ def test_training_on_token_shards(tmp_path):
     np.save(data / "shard_val_000.npy", rng.integers(0, 50257, 3000, dtype=np.uint16))
     np.save(data / "shard_train_001.npy", rng.integers(0, 50257, 5000, dtype=np.uint16))
     np.save(data / "shard_train_002.npy", rng.integers(0, 50257, 5000, dtype=np.uint16))
-    cfg = dataclasses.replace(SMOKE, data=str(data))
+    cfg = SMOKE.replace(data=str(data))
     summary = train(cfg, tmp_path / "run", device="cpu", progress=False)
     # the final validation loss is the validation shard's, computed with the final
     # weights
     model, _ = load_model(str(tmp_path / "run"))
-    loader = DataLoader([data / "shard_val_000.npy"], cfg.batch_size, cfg.block_size)
+    loader = DataLoader(
+        [data / "shard_val_000.npy"], cfg.batch_size, cfg.model.block_size
+    )
     assert summary["finished"] and summary["val_loss"] == validation_loss(
         model, loader, cfg.eval_batches, "cpu"
     )
@@ -280,7 +279,7 @@ def test_hellaswag_during_training_equals_chapter_8s_evaluation(tmp_path):
     from gpt2lib.evaluate import evaluate_hellaswag, read_hellaswag
 
     path = str(files("gpt2lib") / "assets" / "hellaswag_handmade.jsonl")
-    cfg = dataclasses.replace(SMOKE, hellaswag=path, hellaswag_limit=4)
+    cfg = SMOKE.replace(hellaswag=path, hellaswag_limit=4)
     summary = train(cfg, tmp_path, device="cpu", progress=False)
     evals = [e for e in read_log(tmp_path / "log.jsonl") if "hellaswag_acc" in e]
     assert [e["step"] for e in evals] == [0, 3, 6] and all(
@@ -351,7 +350,7 @@ def test_the_micro_batch_search_tries_the_divisors_of_the_budget_largest_first()
     assert micro_batch_candidates(SMOKE, 1) == [8, 4, 2, 1]
     assert micro_batch_candidates(SMOKE, 2) == [4, 2, 1]
     assert micro_batch_candidates(SMOKE, 1, below=4) == [2, 1]
-    big = dataclasses.replace(SMOKE, total_batch_size=32 * 96)
+    big = SMOKE.replace(total_batch_size=32 * 96)
     assert micro_batch_candidates(big, 1)[:4] == [96, 48, 32, 24]
     tried = []
 
@@ -359,12 +358,17 @@ def test_the_micro_batch_search_tries_the_divisors_of_the_budget_largest_first()
         tried.append(b)
         return b <= 5
 
-    assert largest_micro_batch(SMOKE, DistEnv(), fits=fits) == 4 and tried == [8, 4]
+    assert largest_micro_batch(SMOKE, DistEnv(), FP32, fits=fits) == 4 and tried == [
+        8,
+        4,
+    ]
     # off a GPU: none above the limit is tried
     tried.clear()
-    assert largest_micro_batch(big, DistEnv(), fits=lambda b: tried.append(b) or 1)
+    assert largest_micro_batch(
+        big, DistEnv(), FP32, fits=lambda b: tried.append(b) or 1
+    )
     assert max(tried) <= CPU_AUTO_LIMIT
-    assert largest_micro_batch(SMOKE, DistEnv(), fits=lambda b: False) is None
+    assert largest_micro_batch(SMOKE, DistEnv(), FP32, fits=lambda b: False) is None
 
 
 @pytest.mark.parametrize("world_size", [2, 8])
@@ -377,14 +381,15 @@ def test_the_micro_batch_divides_the_budget_on_every_rank(world_size):
     from gpt2lib.dist import DistEnv
     from gpt2lib.memory import largest_micro_batch
 
-    cfg = dataclasses.replace(PRESETS["gpt2-124m"], total_batch_size=120 * 1024)
+    cfg = PRESETS["gpt2-124m"].replace(total_batch_size=120 * 1024)
     env = DistEnv(world_size=world_size, device="cuda")  # `fits` decides: no GPU used
     assert (
-        largest_micro_batch(cfg, env, fits=lambda b: b <= 9) == {2: 6, 8: 5}[world_size]
+        largest_micro_batch(cfg, env, FP32, fits=lambda b: b <= 9)
+        == {2: 6, 8: 5}[world_size]
     )
     for limit in range(1, 122):
-        chosen = largest_micro_batch(cfg, env, fits=lambda b: b <= limit)
-        assert cfg.total_batch_size % (chosen * world_size * cfg.block_size) == 0
+        chosen = largest_micro_batch(cfg, env, FP32, fits=lambda b: b <= limit)
+        assert cfg.total_batch_size % (chosen * world_size * cfg.model.block_size) == 0
         # by hand: every micro-batch of at most `limit` whose ranks divide the 120
         assert chosen == max(
             b for b in range(1, limit + 1) if 120 % (b * world_size) == 0
@@ -407,7 +412,7 @@ def test_batch_size_auto_keeps_the_budget_by_accumulation(
         return real_step(model, optimizer, batches, *args, **kwargs)
 
     monkeypatch.setattr(optim, "train_step", small_memory)
-    auto = dataclasses.replace(SMOKE, batch_size="auto")
+    auto = SMOKE.replace(batch_size="auto")
     summary = train(auto, tmp_path, device="cpu", progress=False)
     assert summary["batch_size"] == 2
     assert (
