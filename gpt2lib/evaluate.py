@@ -44,7 +44,7 @@ def validation_loss(
     for _ in range(loader.rank, n_batches, loader.world_size):
         x, y = (t.to(device) for t in loader.next_batch())
         with autocast():
-            total += model(x, y)[1].float()
+            total += model(x, y, return_logits=False)[1].float()
     model.train(was_training)
     # over all ranks' batches (chapter 6): the same number on every rank
     total = all_reduce_sum(total)

@@ -203,7 +203,7 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, return_logits: bool = True):
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.length  # positions already cached
         if start + T > self.config.block_size:
@@ -225,6 +225,8 @@ class GPT(nn.Module):
         if targets is not None:
             # a view of the logits, no copy
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        if not return_logits:  # a training step's forward: the loss alone (below)
+            return None, loss
         # the padding is not part of the answer
         return logits[..., : self.config.vocab_size], loss
 

@@ -6,8 +6,8 @@ soft-capping, each switched by a field of `ModernConfig`; all off, chapter 2's G
 
 # %% auto #0
 __all__ = [
-    'SWITCHES', 'SWITCH', 'MAX_SOFTCAP', 'ModernConfig', 'rotary', 'ModernAttention',
-    'ModernMLP', 'ModernBlock', 'NoPositionEmbedding', 'SoftcapHead'
+    'SWITCHES', 'SWITCH', 'MAX_SOFTCAP', 'ModernConfig', 'rotary_angles', 'rotary',
+    'ModernAttention', 'ModernMLP', 'ModernBlock', 'NoPositionEmbedding', 'SoftcapHead'
 ]
 
 # %% ../nbs/11_speedrun.ipynb #c004
@@ -81,15 +81,25 @@ class ModernConfig(GPTConfig):
         return not self.untie_head
 
 
-def rotary(x, base: float = 10000.0, start: int = 0):
+def rotary_angles(n: int, d: int, base: float = 10000.0, device=None):
+    """cos and sin (n, d/2) of the angles t * base^(-2i/d) of the positions t < n, in
+    fp32: a model computes them once, not in every layer at every step."""
+    freq = base ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    pos = torch.arange(n, device=device, dtype=torch.float32)
+    angle = pos[:, None] * freq  # (n, d/2)
+    return angle.cos(), angle.sin()
+
+
+def rotary(x, base: float = 10000.0, start: int = 0, angles=None):
     """x (..., T, head_dim) with each pair (x[2i], x[2i+1]) at position t rotated by the
     angle t * base^(-2i/head_dim), as chapter 10's `rope` does for one vector; the T
-    positions are start, ..., start + T - 1 (after a KV cache's `start` positions)."""
+    positions are start, ..., start + T - 1 (after a KV cache's `start` positions).
+    `angles`: `rotary_angles` already computed (used if they reach start + T)."""
     T, d = x.shape[-2:]
-    freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32)
-    angle = pos[:, None] * freq  # (T, d/2)
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    if angles is None or angles[0].size(0) < start + T:
+        angles = rotary_angles(start + T, d, base, x.device)
+    cos, sin = angles
+    cos, sin = cos[start : start + T].to(x.dtype), sin[start : start + T].to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
@@ -106,6 +116,11 @@ class ModernAttention(CausalSelfAttention):
         )
         # GPT._init_weights zeroes a ZERO_INIT weight after drawing it
         self.c_proj.ZERO_INIT = config.zero_init_proj  # attention's output
+        if config.rope:  # every position's angles, once (buffers: they follow .to())
+            head_dim = config.n_embd // config.n_head
+            cos, sin = rotary_angles(config.block_size, head_dim, config.rope_base)
+            self.register_buffer("cos", cos, persistent=False)  # not in checkpoints
+            self.register_buffer("sin", sin, persistent=False)
 
     def transform_qk(self, q, k, start: int):
         "QK-norm, then rotary embeddings at the absolute positions start, start + 1..."
@@ -113,7 +128,9 @@ class ModernAttention(CausalSelfAttention):
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         # rotary after the norm (a rotation keeps it); the cache keeps rotated keys
         if self.rope:
-            q, k = rotary(q, self.rope_base, start), rotary(k, self.rope_base, start)
+            angles = self.cos, self.sin
+            q = rotary(q, self.rope_base, start, angles)
+            k = rotary(k, self.rope_base, start, angles)
         return q, k
 
 

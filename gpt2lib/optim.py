@@ -99,7 +99,7 @@ def train_step(
         sync = i == k - 1
         with nullcontext() if sync else no_sync():  # must wrap the forward pass too
             with autocast():
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)  # no logits: chapter 2
             loss = loss / k  # the mean over all k micro-batches, not their sum
             # fp16: the gradients times the scale, so that small ones do not flush to 0
             (loss if scaler is None else scaler.scale(loss)).backward()

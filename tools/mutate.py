@@ -839,6 +839,23 @@ MUTANTS = [
         ("test_loggers",),
         "a run that crashed shows in W&B as finished, like one that completed",
     ),
+    # faster to a better model (issue 22)
+    Mutant(
+        "rotary-table-from-position-0",
+        "modern",
+        "cos, sin = cos[start : start + T].to(x.dtype), sin[start : start + T].to(x.dtype)",
+        "cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)",
+        ("test_modern",),
+        "with the KV cache, a new token is rotated as if it stood at position 0",
+    ),
+    Mutant(
+        "training-forward-returns-logits",
+        "optim",
+        "_, loss = model(x, y, return_logits=False)",
+        "_, loss = model(x, y)",
+        ("test_step",),
+        "a compiled step fills and copies a logits-sized gradient that feeds nothing",
+    ),
     # parallel (issue 21): DDP or FSDP behind one seam, gpt2lib.parallel.
     Mutant(
         "fsdp-optimizer-built-before-sharding",
