@@ -6,11 +6,12 @@ fused AdamW), with tokens/s, MFU and peak memory for each rung."""
 
 # %% auto #0
 __all__ = [
-    'PEAK_BF16_TFLOPS', 'LADDER', 'MODELS', 'NOT_ON_MPS', 'REL_TOLERANCE', 'MATH_STEPS',
-    'GPU_DEFAULTS', 'CPU_DEFAULTS', 'flops_per_token', 'peak_tflops', 'Recipe', 'Rung',
-    'build_model', 'sync', 'time_recipe', 'release_memory', 'autocast_rung',
-    'skip_reason', 'run_ladder', 'precision', 'check_math', 'device_peak_tflops',
-    'format_table', 'parse_args', 'command_line', 'bench', 'main'
+    'PEAK_BF16_TFLOPS', 'LADDER', 'NO_KERNEL', 'MODELS', 'NOT_ON_MPS', 'REL_TOLERANCE',
+    'MATH_STEPS', 'GPU_DEFAULTS', 'CPU_DEFAULTS', 'flops_per_token', 'peak_tflops',
+    'Recipe', 'Rung', 'attention_kernel', 'build_model', 'sync', 'time_recipe',
+    'release_memory', 'autocast_rung', 'skip_reason', 'run_ladder', 'precision',
+    'check_math', 'device_peak_tflops', 'format_table', 'parse_args', 'command_line',
+    'bench', 'main'
 ]
 
 # %% ../nbs/04_speed.ipynb #c004
@@ -20,10 +21,13 @@ import gc
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .data import DataLoader, read_asset_text, tokenize
 from .model import GPT, GPTConfig
@@ -92,6 +96,9 @@ class Recipe:
     pad_vocab_to: int = 1
     fused_adamw: bool = False
     batch_size: int | None = None  # None: the benchmark's --batch-size
+    # SDPA's kernel: "any" lets PyTorch choose (flash attention on an H100); "cudnn"
+    # asks for cuDNN's, and its rung measures whether it is faster
+    attention: str = "any"
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,19 @@ LADDER = [
     Rung("+ vocab 50304", {"pad_vocab_to": 64}),
     Rung("+ fused AdamW", {"fused_adamw": True}),
     Rung("+ larger micro-batch", {"batch_size": "max"}),
+    Rung("+ cuDNN attention", {"attention": "cudnn"}, cuda_only=True),
 ]
+
+
+# what SDPA says when no kernel of the kind asked for takes these inputs (CUDA, CPU)
+NO_KERNEL = ("No available kernel", "No viable backend")
+
+
+def attention_kernel(recipe: Recipe):
+    "A factory of contexts in which SDPA uses the recipe's kernel (`attention`)."
+    if recipe.attention == "any":
+        return nullcontext
+    return partial(sdpa_kernel, SDPBackend.CUDNN_ATTENTION)
 
 
 def build_model(config: GPTConfig, seed: int = 1337) -> GPT:
@@ -173,17 +192,20 @@ def time_recipe(
     )
     loader = DataLoader(tokens, B, T)
 
+    kernel = attention_kernel(recipe)
+
     def step():
         batch = tuple(t.to(device, non_blocking=True) for t in loader.next_batch())
-        return train_step(
-            step_model,
-            optimizer,
-            [batch],
-            lr=6e-4,
-            grad_clip=1.0,
-            autocast=precision.autocast,
-            scaler=precision.scaler,
-        )[0]
+        with kernel():
+            return train_step(
+                step_model,
+                optimizer,
+                [batch],
+                lr=6e-4,
+                grad_clip=1.0,
+                autocast=precision.autocast,
+                scaler=precision.scaler,
+            )[0]
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -308,6 +330,14 @@ def run_ladder(
                 )
             except torch.cuda.OutOfMemoryError:
                 rows.append({**row, "status": "out of memory"})
+            except RuntimeError as err:  # SDPA has no kernel of that kind here
+                if recipe.attention == "any" or not any(
+                    m in str(err) for m in NO_KERNEL
+                ):
+                    raise
+                first = str(err).strip().splitlines()[0][:160]
+                reason = f"{recipe.attention} attention does not run here: {first}"
+                rows.append({"rung": rung.name, "status": "skipped", "reason": reason})
             else:
                 mfu = result["tokens_per_s"] * fpt / (peak * 1e12) if peak else None
                 rows.append({**row, "status": "ran", **result, "mfu": mfu})

@@ -50,8 +50,8 @@ MUTANTS = [
     Mutant(
         "fused-adamw-rung-never-updates",
         "bench",
-        "            lr=6e-4,\n            grad_clip=1.0,",
-        "            lr=0.0 if recipe.fused_adamw else 6e-4,\n            grad_clip=1.0,",
+        "                lr=6e-4,\n                grad_clip=1.0,",
+        "                lr=0.0 if recipe.fused_adamw else 6e-4,\n                grad_clip=1.0,",
         ("test_bench",),
         "the ladder's fused-AdamW rung trains nothing, yet its first loss equals fp32's",
     ),
@@ -855,6 +855,14 @@ MUTANTS = [
         "_, loss = model(x, y)",
         ("test_step",),
         "a compiled step fills and copies a logits-sized gradient that feeds nothing",
+    ),
+    Mutant(
+        "cudnn-rung-runs-the-default-kernel",
+        "bench",
+        "    if recipe.attention == \"any\":\n        return nullcontext\n",
+        "    if True:\n        return nullcontext\n",
+        ("test_bench",),
+        "the cuDNN-attention rung times PyTorch's default kernel under cuDNN's name",
     ),
     # parallel (issue 21): DDP or FSDP behind one seam, gpt2lib.parallel.
     Mutant(
