@@ -859,7 +859,7 @@ MUTANTS = [
     Mutant(
         "cudnn-rung-runs-the-default-kernel",
         "bench",
-        "    if recipe.attention == \"any\":\n        return nullcontext\n",
+        '    if recipe.attention == "any":\n        return nullcontext\n',
         "    if True:\n        return nullcontext\n",
         ("test_bench",),
         "the cuDNN-attention rung times PyTorch's default kernel under cuDNN's name",
