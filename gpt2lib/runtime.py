@@ -6,7 +6,7 @@ result, and one-line errors for the commands."""
 
 # %% auto #0
 __all__ = [
-    'ANY', 'PRECISIONS', 'AUTOCAST_DTYPES', 'LOCK_NAME', 'CPU_FLAGS', 'USER_ERRORS',
+    'PRECISIONS', 'AUTOCAST_DTYPES', 'LOCK_NAME', 'CPU_FLAGS', 'USER_ERRORS',
     'EXIT_INTERRUPTED', 'UserError', 'default_device', 'resolve_device', 'Rule',
     'at_least', 'one_of', 'checked', 'option', 'refuse', 'has_type', 'check_settings',
     'bf16_native', 'choose_precision', 'describe_precision', 'autocast_for',
@@ -105,9 +105,6 @@ def at_least(low: int) -> Rule:
 
 def one_of(*choices: str) -> Rule:
     return Rule(lambda v: v in choices, " or ".join(choices))
-
-
-ANY = Rule(lambda v: True, "anything")  # for a flag whose every value is allowed
 
 
 def checked(default, rule: Rule, **metadata):
