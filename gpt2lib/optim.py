@@ -17,6 +17,7 @@ import math
 from contextlib import nullcontext
 
 import torch
+from torch.optim.adamw import adamw  # the update torch.optim.AdamW runs
 
 from .runtime import UserError
 
@@ -127,29 +128,30 @@ NS_COEFFICIENTS = (
 def newton_schulz5(G, steps: int = 5, dtype=torch.bfloat16, eps: float = 1e-7):
     """Approximately U @ V.T for a matrix G = U S V.T, by modded-nanogpt's quintic
     Newton-Schulz iteration in `dtype` (bf16, as the speedrun runs it): matrix
-    multiplies only, no SVD."""
+    multiplies only, no SVD. G may be a stack of same-shaped matrices (any leading
+    dimensions): each is orthogonalised on its own, in one batched iteration."""
     a, b, c = NS_COEFFICIENTS
     X = G.to(dtype)
-    X = X / (
-        X.norm() + eps
-    )  # every singular value into [0, 1], where the iteration converges
+    # every singular value into [0, 1], where the iteration converges: each matrix
+    # divided by its own norm
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     tall = X.size(-2) > X.size(-1)
     # a tall X is iterated as X.T: X p(X.T X) = p(X X.T) X, the same result up to
     # rounding, but X @ X.T is then the smaller Gram matrix (~10x fewer flops at 4:1)
     X = X.mT if tall else X
     for _ in range(steps):
         A = X @ X.mT
-        X = (
-            a * X + (b * A + c * A @ A) @ X
-        )  # each singular value s -> a s + b s^3 + c s^5
+        # each singular value s -> a s + b s^3 + c s^5
+        X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if tall else X).to(G.dtype)
 
-
+# %% ../nbs/05_optimization.ipynb #c025m
 class Muon(torch.optim.Optimizer):
     """Muon (Keller Jordan's MomentUm Orthogonalized by Newton-Schulz) for the parameter
     groups marked `muon=True`, which must hold matrices; AdamW, as `torch.optim.AdamW`
     computes it, for the other groups. One optimizer: its state_dict is one checkpoint
-    entry."""
+    entry. `fused`: AdamW's one-kernel path (default: on a CUDA GPU); otherwise its
+    `foreach` path, a few kernels for the whole group."""
 
     def __init__(
         self,
@@ -162,6 +164,7 @@ class Muon(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         orthogonalize=newton_schulz5,
+        fused: bool | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -177,8 +180,11 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["muon"] and any(p.dim() != 2 for p in group["params"]):
                 raise UserError("Muon's groups take matrices (2-D parameters) only")
-        # not a default: a function is not saved state
+        # not defaults: a function is not saved state, and a checkpoint written on a
+        # CPU resumes fused on a GPU
         self.orthogonalize = orthogonalize
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.fused = all(p.is_cuda for p in params) if fused is None else fused
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -186,51 +192,74 @@ class Muon(torch.optim.Optimizer):
             (self._muon_step if group["muon"] else self._adamw_step)(group)
 
     def _muon_step(self, group):
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.mul_(mu).add_(p.grad)  # SGD's momentum
-            g = p.grad.add(buf, alpha=mu) if group["nesterov"] else buf
-            update = self.orthogonalize(g, group["ns_steps"])
+        lr, wd = group["lr"], group["weight_decay"]
+        params = [p for p in group["params"] if p.grad is not None]
+        # the matrices of one shape are orthogonalised together, in one batched
+        # iteration: a GPT-2 has 4 shapes, so 4 iterations a step instead of 48
+        for shape in dict.fromkeys(p.shape for p in params):
+            same = [p for p in params if p.shape == shape]
+            directions = torch.stack([self._momentum(p, group) for p in same])
+            updates = self.orthogonalize(directions, group["ns_steps"])
             # an orthogonal update has RMS 1/sqrt(columns) for a tall matrix; the factor
             # keeps tall matrices (c_fc, c_attn) moving as fast per entry as square ones
-            scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-            if wd:
-                p.mul_(1 - lr * wd)
-            p.add_(update, alpha=-lr * scale)
+            scale = max(1.0, shape[0] / shape[1]) ** 0.5
+            for p, update in zip(same, updates):
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr * scale)
+
+    def _momentum(self, p, group):
+        "SGD's momentum of p's gradient, and the direction Muon orthogonalises."
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(p.grad)
+        return p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
 
     def _adamw_step(self, group):
-        lr, wd, eps, (beta1, beta2) = (
-            group["lr"],
-            group["weight_decay"],
-            group["eps"],
-            group["betas"],
-        )
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
             state = self.state[p]
-            if "step" not in state:
+            if "step" not in state:  # AdamW's state, as torch.optim.AdamW keeps it
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] = (
-                state["step"] + 1
-            )  # a new tensor: a loaded state may share it
-            step = state["step"].item()
-            p.mul_(1 - lr * wd)  # decoupled weight decay
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
-            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias_correction2)).add_(eps)
-            p.addcdiv_(state["exp_avg"], denom, value=-lr / bias_correction1)
+        states = [self.state[p] for p in params]
+        self._own_step_counts(params, states)
+        beta1, beta2 = group["betas"]
+        # torch.optim.AdamW's own update of a list of tensors
+        adamw(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            foreach=not self.fused,
+            fused=self.fused,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
 
+    def _own_step_counts(self, params, states):
+        """Each AdamW step count a float32 tensor of its own (the update adds 1 in
+        place; a loaded state may share one), on the GPU for the fused kernel, as
+        torch.optim.AdamW(fused=True) keeps them: moved once, e.g. after a checkpoint
+        written on a CPU."""
+        seen = set()
+        for p, state in zip(params, states):
+            where = p.device if self.fused else torch.device("cpu")
+            if state["step"].device != where or id(state["step"]) in seen:
+                state["step"] = state["step"].to(where, torch.float32, copy=True)
+            seen.add(id(state["step"]))
 
+# %% ../nbs/05_optimization.ipynb #c025c
 def is_hidden_matrix(name: str, p) -> bool:
     "A matrix inside a transformer block (`transformer.h.N...`): what Muon trains."
     return p.dim() == 2 and ".h." in f".{name}"

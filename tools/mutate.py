@@ -32,7 +32,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COPIED = ("gpt2lib", "tests", "tools", "nbs", "book", "pyproject.toml", "_toc.yml")
+
+
+def checkout_files() -> list[str]:
+    """Every file of the checkout, tracked or new and not ignored: a mutant is planted
+    in a copy of all of it, so that a test that reads the README or the book fails
+    for the mutant only, never because the copy lacks a file (which would count every
+    mutant as caught)."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.splitlines()
 
 
 @dataclass(frozen=True)
@@ -857,6 +871,30 @@ MUTANTS = [
         "a compiled step fills and copies a logits-sized gradient that feeds nothing",
     ),
     Mutant(
+        "muon-one-norm-for-the-stack",
+        "optim",
+        "X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)",
+        "X = X / (X.norm() + eps)",
+        ("test_muon",),
+        "batched Newton-Schulz scales a stack of matrices by one norm, not each by its own",
+    ),
+    Mutant(
+        "muon-adamw-shared-count-counted-twice",
+        "optim",
+        'if state["step"].device != where or id(state["step"]) in seen:',
+        'if state["step"].device != where:',
+        ("test_muon",),
+        "a step count shared by a loaded state is added to once per parameter",
+    ),
+    Mutant(
+        "muon-adamw-never-fused",
+        "optim",
+        "            foreach=not self.fused,\n            fused=self.fused,\n",
+        "            foreach=True,\n            fused=False,\n",
+        ("test_muon",),
+        "Muon's AdamW groups run the foreach path where the fused kernel was asked for",
+    ),
+    Mutant(
         "cudnn-rung-runs-the-default-kernel",
         "bench",
         '    if recipe.attention == "any":\n        return nullcontext\n',
@@ -1008,7 +1046,14 @@ def run_suite(root: Path, mutant: Mutant, timeout: float) -> tuple[bool, str, fl
     first = [f"tests/{name}.py" for name in mutant.tests]
     runs = [
         first,
-        ["tests", "--ignore=tests/test_export.py", *(f"--ignore={f}" for f in first)],
+        # not test_export (the notebooks are not mutated) nor test_mutate (it checks
+        # that each mutant applies to the unmutated code): both fail on every mutant
+        [
+            "tests",
+            "--ignore=tests/test_export.py",
+            "--ignore=tests/test_mutate.py",
+            *(f"--ignore={f}" for f in first),
+        ],
     ]
     env = {
         **os.environ,
@@ -1092,11 +1137,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpt2lib-mutants-") as tmp:
         for i, mutant in enumerate(chosen, 1):
             root = Path(tmp) / mutant.name
-            for name in COPIED:
-                source = ROOT / name
-                (shutil.copytree if source.is_dir() else shutil.copy)(
-                    source, root / name
-                )
+            for name in checkout_files():
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / name, root / name)
             if i == 1:
                 check_copy_is_imported(root)
             apply(root, mutant)
