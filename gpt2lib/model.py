@@ -6,8 +6,8 @@ that it loads the released weights and reproduces their logits."""
 # %% auto #0
 __all__ = [
     'MIN_TEMPERATURE', 'GPTConfig', 'causal_mask', 'manual_attention',
-    'CausalSelfAttention', 'MLP', 'Block', 'MaskPadding', 'GPT', 'sample_next',
-    'KVCache', 'generate_tokens'
+    'CausalSelfAttention', 'MLP', 'Block', 'MaskPadding', 'mask_padding', 'GPT',
+    'sample_next', 'KVCache', 'generate_tokens'
 ]
 
 # %% ../nbs/02_model.ipynb #c004
@@ -173,6 +173,17 @@ class MaskPadding(torch.autograd.Function):
     def backward(ctx, grad):
         return grad, None
 
+
+def mask_padding(logits, vocab_size: int):
+    """The logits with their padding columns at -inf. Compiled, as an out-of-place mask:
+    the compiler fuses it into the loss's kernel with whatever comes before it (chapter
+    11's soft-cap), so the backward keeps one logits-sized tensor, not two (an
+    autograd Function is a wall it cannot fuse across). Eager, `MaskPadding`."""
+    if torch.compiler.is_compiling():
+        columns = torch.arange(logits.size(-1), device=logits.device)
+        return logits.masked_fill(columns >= vocab_size, float("-inf"))
+    return MaskPadding.apply(logits, vocab_size)
+
 # %% ../nbs/02_model.ipynb #c018b
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -220,7 +231,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab_size)
         # padding rows are never predicted: probability 0
         if logits.size(-1) != self.config.vocab_size:
-            logits = MaskPadding.apply(logits, self.config.vocab_size)
+            logits = mask_padding(logits, self.config.vocab_size)
         loss = None
         if targets is not None:
             # a view of the logits, no copy

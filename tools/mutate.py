@@ -153,7 +153,7 @@ MUTANTS = [
     Mutant(
         "padding-rows-predicted",
         "model",
-        "logits = MaskPadding.apply(logits, self.config.vocab_size)",
+        "logits = mask_padding(logits, self.config.vocab_size)",
         "pass",
         ("test_bench",),
         "the padded vocabulary's extra rows take part in the softmax",
@@ -893,6 +893,15 @@ MUTANTS = [
         "            foreach=True,\n            fused=False,\n",
         ("test_muon",),
         "Muon's AdamW groups run the foreach path where the fused kernel was asked for",
+    ),
+    Mutant(
+        "compiled-padding-mask-is-a-wall",
+        "model",
+        "    if torch.compiler.is_compiling():\n        columns",
+        "    if False:\n        columns",
+        ("test_step",),
+        "compiled, the padding mask stays an autograd Function: with the soft-cap the "
+        "backward keeps two logits-sized tensors",
     ),
     Mutant(
         "cudnn-rung-runs-the-default-kernel",
