@@ -96,6 +96,9 @@ class Recipe:
     pad_vocab_to: int = 1
     fused_adamw: bool = False
     batch_size: int | None = None  # None: the benchmark's --batch-size
+    # torch.compile's mode: "default", or "max-autotune" (it times Triton's candidate
+    # kernels for every matmul and picks the fastest: minutes more of compiling)
+    compile_mode: str = "default"
     # SDPA's kernel: "any" lets PyTorch choose (flash attention on an H100); "cudnn"
     # asks for cuDNN's, and its rung measures whether it is faster
     attention: str = "any"
@@ -119,6 +122,8 @@ LADDER = [
     Rung("+ fused AdamW", {"fused_adamw": True}),
     Rung("+ larger micro-batch", {"batch_size": "max"}),
     Rung("+ cuDNN attention", {"attention": "cudnn"}, cuda_only=True),
+    # optional (`--max-autotune`): it compiles for minutes
+    Rung("+ max-autotune", {"compile_mode": "max-autotune"}, cuda_only=True),
 ]
 
 
@@ -185,7 +190,9 @@ def time_recipe(
     optimizer = configure_optimizer(
         model, 6e-4, device_type=device.type, fused=recipe.fused_adamw
     )
-    step_model = torch.compile(model) if recipe.compile else model
+    step_model = (
+        torch.compile(model, mode=recipe.compile_mode) if recipe.compile else model
+    )
     # decided as a run decides it: fp16 brings its gradient scaler, the others none
     precision = Precision.of(
         device, "fp16" if recipe.fp16 else "bf16" if recipe.bf16 else "fp32"
@@ -251,17 +258,23 @@ NOT_ON_MPS = {"compile": "torch.compile", "fused_adamw": "fused AdamW"}
 
 
 def skip_reason(
-    rung: Rung, device: torch.device, compile: bool, max_batch_size: int | None
+    rung: Rung,
+    device: torch.device,
+    compile: bool,
+    max_batch_size: int | None,
+    max_autotune: bool = False,
 ) -> str | None:
     if rung.cuda_only and device.type != "cuda":
         return "needs an NVIDIA GPU"
     missing = [what for key, what in NOT_ON_MPS.items() if key in rung.change]
     if device.type == "mps" and missing:
         return f"{missing[0]} is not used on Apple's mps"
-    if "compile" in rung.change and not compile:
+    if ("compile" in rung.change or "compile_mode" in rung.change) and not compile:
         return "turned off (`--no-compile`)"
     if "batch_size" in rung.change and not max_batch_size:
         return "no `--max-batch-size` given"
+    if "compile_mode" in rung.change and not max_autotune:
+        return "not asked for (`--max-autotune`: minutes more of compiling)"
     return None
 
 
@@ -277,11 +290,12 @@ def run_ladder(
     tokens=None,
     progress=True,
     rows: list | None = None,
+    max_autotune: bool = False,
 ) -> list[dict]:
     """Time every rung of `LADDER`; returns one dict per rung (skipped rungs included),
     each compared with the rung below by `check_math`. The TF32 flags are put back as
     they were. `rows`: a list filled as the rungs are measured, which keeps them if a
-    later rung fails."""
+    later rung fails. `max_autotune`: time the max-autotune rung too (a GPU only)."""
     device = torch.device(device)
     tokens = (
         tokenize(read_asset_text("tinyshakespeare.txt")) if tokens is None else tokens
@@ -303,7 +317,7 @@ def run_ladder(
     try:
         for rung in LADDER:
             rung = autocast_rung(rung, device)  # bf16, or fp16 where it applies
-            reason = skip_reason(rung, device, compile, max_batch_size)
+            reason = skip_reason(rung, device, compile, max_batch_size, max_autotune)
             if reason:
                 rows.append({"rung": rung.name, "status": "skipped", "reason": reason})
                 continue
@@ -490,6 +504,11 @@ def parse_args(argv=None):
         action="store_true",
         help="skip torch.compile (slow to compile on a CPU)",
     )
+    ap.add_argument(
+        "--max-autotune",
+        action="store_true",
+        help="also time torch.compile's max-autotune mode (a GPU; minutes to compile)",
+    )
     ap.add_argument("--json", default=None, help="also write the result to this file")
     args = ap.parse_args(argv)
     # a value that parses but is out of range is a bad value like any other: one line
@@ -546,6 +565,7 @@ def command_line(args) -> str:
         ["--max-batch-size", str(args.max_batch_size)] if args.max_batch_size else []
     )
     words += ["--no-compile"] if args.no_compile else []
+    words += ["--max-autotune"] if args.max_autotune else []
     words += ["--json", args.json] if args.json else []
     return " ".join(words)
 
@@ -583,6 +603,7 @@ def bench(args, progress: bool = True, result: dict | None = None) -> dict:
         max_batch_size=args.max_batch_size,
         progress=progress,
         rows=result["rungs"],
+        max_autotune=args.max_autotune,
     )
     return result
 

@@ -162,6 +162,7 @@ def test_ladder_on_cpu_has_every_rung(tokens):
         "pad_vocab_to": 64,
         "fused_adamw": True,
         "batch_size": None,
+        "compile_mode": "default",
         "attention": "any",
     }
 
@@ -302,7 +303,45 @@ def test_the_rungs_follow_the_device(monkeypatch):
         "+ fused AdamW": "fused AdamW is not used on Apple's mps",
         "+ larger micro-batch": None,
         "+ cuDNN attention": "needs an NVIDIA GPU",
+        "+ max-autotune": "needs an NVIDIA GPU",
     }
+
+
+def test_the_max_autotune_rung_runs_only_when_asked_for(tokens, monkeypatch):
+    """On a GPU the max-autotune rung is skipped unless `--max-autotune` asks for it
+    (and never without compiling); asked for, its step is compiled in that mode and
+    checked against the rung below. torch.compile is replaced by a stand-in that
+    notes the mode: a CPU need not autotune to show that the mode is passed."""
+    import gpt2lib.bench as bench
+    from gpt2lib.bench import skip_reason
+
+    rung = next(r for r in LADDER if "compile_mode" in r.change)
+    cuda = torch.device("cuda")
+    assert skip_reason(rung, cuda, True, None).startswith("not asked for")
+    assert skip_reason(rung, cuda, False, None, max_autotune=True).startswith(
+        "turned off"
+    )
+    assert skip_reason(rung, cuda, True, None, max_autotune=True) is None
+    modes = []
+    monkeypatch.setattr(
+        torch, "compile", lambda model, mode="default": modes.append(mode) or model
+    )
+    compiled = next(r for r in LADDER if "compile" in r.change)
+    here = bench.Rung(rung.name, rung.change)  # not CUDA-only: it runs on this CPU
+    monkeypatch.setattr(bench, "LADDER", [LADDER[0], compiled, here])
+    rows = run_ladder(
+        GPTConfig(n_layer=1, n_head=2, n_embd=32),
+        B=2,
+        T=16,
+        steps=1,
+        warmup=1,
+        device="cpu",
+        tokens=tokens,
+        progress=False,
+        max_autotune=True,
+    )
+    assert [r["status"] for r in rows] == ["ran"] * 3
+    assert modes == ["default", "max-autotune"] and rows[2]["same_math"]
 
 
 def test_ladder_with_compile_and_larger_batch(tokens):

@@ -904,6 +904,14 @@ MUTANTS = [
         "backward keeps two logits-sized tensors",
     ),
     Mutant(
+        "max-autotune-rung-compiles-the-default",
+        "bench",
+        "torch.compile(model, mode=recipe.compile_mode)",
+        "torch.compile(model)",
+        ("test_bench",),
+        "the max-autotune rung times the default compile under max-autotune's name",
+    ),
+    Mutant(
         "cudnn-rung-runs-the-default-kernel",
         "bench",
         '    if recipe.attention == "any":\n        return nullcontext\n',
