@@ -131,7 +131,10 @@ def report_training(summary: dict, out: str, minutes: float) -> int:
             f"--resume --out {out}"
         )
         return 128 + summary["signal"] if "signal" in summary else 0
-    print(f"done: {summary['steps']} steps in {minutes:.1f} min; output in {out}/")
+    steps, start = summary["steps"], summary.get("resumed_from_step") or 0
+    # a resumed call ran the last steps only: its minutes are theirs
+    ran = f", the last {steps - start} in this call," if start else ""
+    print(f"done: {steps} steps{ran} in {minutes:.1f} min; output in {out}/")
     if "val_loss" in summary:
         print(f"validation loss: {summary['val_loss']:.4f}")
     for text in summary["samples"]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .data import SHIPPED_TEXTS
+from .data import SHIPPED_TEXTS, VAL_FRACTION
 from .model import GPT
 from .modern import SWITCHES, ModernConfig
 from .optim import configure_muon, configure_optimizer
@@ -70,7 +70,7 @@ class TrainConfig:
     )
     # held out from the end of a shipped text
     val_fraction: float = checked(
-        0.1, Rule(lambda v: 0 <= v < 1, "at least 0 and below 1")
+        VAL_FRACTION, Rule(lambda v: 0 <= v < 1, "at least 0 and below 1")
     )
     # the model: chapter 2's GPT-2 shape and chapter 11's switches, each field with its
     # own rule (n_layer, n_head, n_embd, block_size, vocab_size, pad_vocab_to, ...)

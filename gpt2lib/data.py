@@ -6,9 +6,9 @@ resumes where it was."""
 
 # %% auto #0
 __all__ = [
-    'ASSETS', 'SHIPPED_TEXTS', 'TOKEN_DTYPE', 'REMAKE', 'read_asset_text', 'tokenize',
-    'unigram_probs', 'bigram_nll', 'baseline_losses', 'load_tokens', 'find_shards',
-    'split_shards', 'DataLoader'
+    'ASSETS', 'SHIPPED_TEXTS', 'VAL_FRACTION', 'TOKEN_DTYPE', 'REMAKE',
+    'read_asset_text', 'tokenize', 'split_text', 'unigram_probs', 'bigram_nll',
+    'baseline_losses', 'load_tokens', 'find_shards', 'split_shards', 'DataLoader'
 ]
 
 # %% ../nbs/03_data.ipynb #c004
@@ -44,6 +44,19 @@ def tokenize(text: str) -> np.ndarray:
     """GPT-2 token ids of `text` as uint16 (every id is below 50257 < 65536, so two
     bytes suffice)."""
     return np.array(get_encoding().encode_ordinary(text), dtype=np.uint16)
+
+
+# the share of a shipped text held out for validation, from its end
+VAL_FRACTION = 0.1
+
+
+def split_text(name: str, val_fraction: float = VAL_FRACTION):
+    """(training tokens, validation tokens or None) of the shipped text `name`: its
+    last `val_fraction` is held out, as a training run and gpt2-evaluate hold it out."""
+    tokens = tokenize(read_asset_text(SHIPPED_TEXTS[name]))
+    n_val = int(len(tokens) * val_fraction)
+    cut = len(tokens) - n_val
+    return tokens[:cut], (tokens[cut:] if n_val else None)
 
 # %% ../nbs/03_data.ipynb #c027
 def unigram_probs(tokens: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -23,7 +23,13 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
-from .data import DataLoader, split_shards
+from gpt2lib.data import (
+    SHIPPED_TEXTS,
+    VAL_FRACTION,
+    DataLoader,
+    split_shards,
+    split_text,
+)
 from .dist import all_reduce_sum
 from .runtime import atomic_write, UserError
 from .tokenizer import EOT_TOKEN, get_encoding
@@ -328,9 +334,16 @@ from .checkpoint import MODEL_SPEC_HELP, load_model
 from .runtime import autocast_for, command_name, resolve_device, run_command
 
 
-def val_source(data) -> list[Path]:
-    """The validation shards of `data`: a .npy file, or the shards of a directory with
-    'val' in their names."""
+def val_source(data):
+    """The validation tokens of `data`: a shipped text's held-out end (as a training run
+    holds it out), a .npy file, or the shards of a directory with 'val' in their names."""
+    if data in SHIPPED_TEXTS:
+        return split_text(data)[1]
+    if not Path(data).exists():
+        raise FileNotFoundError(
+            f"no token file or directory at {data} (nor a shipped text: "
+            f"{', '.join(SHIPPED_TEXTS)})"
+        )
     train, val = split_shards(data)
     if Path(data).is_file():
         return train
@@ -367,7 +380,9 @@ def parse_args(argv=None):
         "--val",
         default=None,
         metavar="DATA",
-        help="validation loss on a .npy token file or shard directory",
+        help="validation loss on a .npy token file, a shard directory or a shipped text "
+        f"({', '.join(SHIPPED_TEXTS)}: its last {VAL_FRACTION:.0%}, as gpt2-train holds "
+        "it out)",
     )
     ap.add_argument("--val-batches", type=int, default=20)
     ap.add_argument(

@@ -23,9 +23,8 @@ from .config import TrainConfig, build_optimizer, initial_model
 from gpt2lib.data import (
     SHIPPED_TEXTS,
     DataLoader,
-    read_asset_text,
     split_shards,
-    tokenize,
+    split_text,
 )
 from .optim import grad_accum_steps, lr_at
 from .parallel import check_parallel, checkpoint_parts, no_sync, wrap
@@ -35,11 +34,7 @@ from .runtime import Precision, UserError, set_tf32
 def load_data(cfg: TrainConfig):
     "(train source, validation source or None) for `cfg.data`."
     if cfg.data in SHIPPED_TEXTS:
-        tokens = tokenize(read_asset_text(SHIPPED_TEXTS[cfg.data]))
-        n_val = int(len(tokens) * cfg.val_fraction)
-        return tokens[: len(tokens) - n_val], (
-            tokens[len(tokens) - n_val :] if n_val else None
-        )
+        return split_text(cfg.data, cfg.val_fraction)
     path = Path(cfg.data)
     if not path.exists():
         raise FileNotFoundError(

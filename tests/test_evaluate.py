@@ -543,6 +543,23 @@ def test_cli_limit_and_validation_loss(models, hellaswag_file, tmp_path, capsys)
     assert f"validation loss (3 batches of 2x32): {expected:.4f}" in out
 
 
+def test_cli_validation_loss_on_a_shipped_text_is_the_trainers_split(models, capsys):
+    # `gpt2-train --data tinyshakespeare` holds out the text's end; `gpt2-evaluate
+    # --val tinyshakespeare` refused the name. It now scores the same held-out tokens.
+    from gpt2lib.config import TrainConfig
+    from gpt2lib.run import load_data
+
+    _, ours, hf_dir = models
+    out = cli(
+        capsys,
+        *["--model", str(hf_dir), "--val", "tinyshakespeare", "--val-batches", "2"],
+        *["--batch-size", "2", "--seq-len", "32"],
+    )
+    held_out = load_data(TrainConfig(data="tinyshakespeare"))[1]
+    expected = validation_loss(ours, DataLoader(held_out, 2, 32), 2, "cpu")
+    assert f"validation loss (2 batches of 2x32): {expected:.4f}" in out
+
+
 def test_cli_errors_are_one_line(models, checkpoint_run, hellaswag_file, tmp_path):
     _, _, hf_dir = models
     garbage = tmp_path / "ckpt.pt"

@@ -423,3 +423,18 @@ def test_batch_size_auto_keeps_the_budget_by_accumulation(
     )  # what ran, so that --resume compares like with like
     for a, b in zip(losses(tmp_path)[0], losses(straight[0])[0]):
         assert abs(a - b) <= 1e-5 * abs(b), (a, b)
+
+
+def test_a_resumed_call_says_how_many_steps_it_ran(capsys):
+    # "done: 130 steps in 2.0 min" after a --resume that ran 110 of them read as if
+    # the call had trained the whole run in that time
+    from gpt2lib.cli import report_training
+
+    fresh = {"finished": True, "steps": 130, "samples": [], "resumed_from_step": 0}
+    assert report_training(fresh, "runs/x", 2.0) == 0
+    assert capsys.readouterr().out == "done: 130 steps in 2.0 min; output in runs/x/\n"
+    resumed = {**fresh, "resumed_from_step": 20}
+    assert report_training(resumed, "runs/x", 2.0) == 0
+    assert capsys.readouterr().out == (
+        "done: 130 steps, the last 110 in this call, in 2.0 min; output in runs/x/\n"
+    )

@@ -912,6 +912,22 @@ MUTANTS = [
         "the max-autotune rung times the default compile under max-autotune's name",
     ),
     Mutant(
+        "resumed-call-claims-the-whole-run",
+        "cli",
+        'ran = f", the last {steps - start} in this call," if start else ""',
+        'ran = ""',
+        ("test_train",),
+        "after --resume the trainer says it ran every step of the run in this call",
+    ),
+    Mutant(
+        "evaluate-refuses-shipped-texts",
+        "evaluate",
+        "    if data in SHIPPED_TEXTS:\n        return split_text(data)[1]\n",
+        "",
+        ("test_evaluate",),
+        "gpt2-evaluate --val shakespeare refuses the name gpt2-train takes",
+    ),
+    Mutant(
         "cudnn-rung-runs-the-default-kernel",
         "bench",
         '    if recipe.attention == "any":\n        return nullcontext\n',
