@@ -336,7 +336,8 @@ from .runtime import autocast_for, command_name, resolve_device, run_command
 
 def val_source(data):
     """The validation tokens of `data`: a shipped text's held-out end (as a training run
-    holds it out), a .npy file, or the shards of a directory with 'val' in their names."""
+    holds it out), a .npy file, or the shards of a directory with 'val' in their
+    names."""
     if data in SHIPPED_TEXTS:
         return split_text(data)[1]
     if not Path(data).exists():
@@ -380,9 +381,9 @@ def parse_args(argv=None):
         "--val",
         default=None,
         metavar="DATA",
-        help="validation loss on a .npy token file, a shard directory or a shipped text "
-        f"({', '.join(SHIPPED_TEXTS)}: its last {VAL_FRACTION:.0%}, as gpt2-train holds "
-        "it out)",
+        help="validation loss on a .npy token file, a shard directory or a shipped "
+        f"text ({', '.join(SHIPPED_TEXTS)}: its last {VAL_FRACTION:.0%}, as "
+        "gpt2-train holds it out)",
     )
     ap.add_argument("--val-batches", type=int, default=20)
     ap.add_argument(
