@@ -9,17 +9,33 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2lib.bench import (
     LADDER,
-    MODELS,
     build_model,
     flops_per_token,
     peak_tflops,
     run_ladder,
 )
 from gpt2lib.data import read_asset_text, tokenize
-from gpt2lib.model import GPT, GPTConfig
+from gpt2lib.model import GPTConfig
 from gpt2lib.optim import configure_optimizer
 
 TINY = GPTConfig(block_size=32, vocab_size=1000, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_ladder(tokens, T=32, steps=2, compile=False, **options):
+    """The ladder for a 1-layer, 32-wide model on micro-batches of 2 x T tokens, on this
+    CPU, without a progress bar."""
+    return run_ladder(
+        GPTConfig(n_layer=1, n_head=2, n_embd=32),
+        B=2,
+        T=T,
+        steps=steps,
+        warmup=1,
+        device="cpu",
+        compile=compile,
+        tokens=tokens,
+        progress=False,
+        **options,
+    )
 
 
 def test_flops_per_token_of_gpt2_124m():
@@ -114,17 +130,7 @@ def tokens():
 
 
 def test_ladder_on_cpu_has_every_rung(tokens):
-    rows = run_ladder(
-        GPTConfig(n_layer=1, n_head=2, n_embd=32),
-        B=2,
-        T=32,
-        steps=2,
-        warmup=1,
-        device="cpu",
-        compile=False,
-        tokens=tokens,
-        progress=False,
-    )
+    rows = tiny_ladder(tokens)
     assert [r["rung"] for r in rows] == [r.name for r in LADDER]
     by_name = {r["rung"]: r for r in rows}
     assert by_name["+ TF32 matmuls"] == {
@@ -170,17 +176,7 @@ def test_ladder_on_cpu_has_every_rung(tokens):
 def test_the_math_check_is_discriminating(tokens):
     """The steps compared make progress far beyond the fp32 tolerance, so a rung that
     changes them shows."""
-    rows = run_ladder(
-        GPTConfig(n_layer=1, n_head=2, n_embd=32),
-        B=2,
-        T=32,
-        steps=2,
-        warmup=1,
-        device="cpu",
-        compile=False,
-        tokens=tokens,
-        progress=False,
-    )
+    rows = tiny_ladder(tokens)
     losses, last = rows[0]["losses"], [r for r in rows if r["status"] == "ran"][-1]
     assert min(abs(a - b) for a, b in zip(losses, losses[1:])) > 10 * last["tolerance"]
 
@@ -234,17 +230,7 @@ def test_a_rung_that_changes_the_math_is_caught(bug, tokens, monkeypatch):
                 else real_optimizer(model, lr, *a, **k)
             ),
         )
-    rows = run_ladder(
-        GPTConfig(n_layer=1, n_head=2, n_embd=32),
-        B=2,
-        T=32,
-        steps=2,
-        warmup=1,
-        device="cpu",
-        compile=False,
-        tokens=tokens,
-        progress=False,
-    )
+    rows = tiny_ladder(tokens)
     verdicts = {r["rung"]: r.get("same_math") for r in rows if r["status"] == "ran"}
     broken_rung = (
         "+ vocab 50304" if bug == "padding in the softmax" else "+ fused AdamW"
@@ -329,17 +315,7 @@ def test_the_max_autotune_rung_runs_only_when_asked_for(tokens, monkeypatch):
     compiled = next(r for r in LADDER if "compile" in r.change)
     here = bench.Rung(rung.name, rung.change)  # not CUDA-only: it runs on this CPU
     monkeypatch.setattr(bench, "LADDER", [LADDER[0], compiled, here])
-    rows = run_ladder(
-        GPTConfig(n_layer=1, n_head=2, n_embd=32),
-        B=2,
-        T=16,
-        steps=1,
-        warmup=1,
-        device="cpu",
-        tokens=tokens,
-        progress=False,
-        max_autotune=True,
-    )
+    rows = tiny_ladder(tokens, T=16, steps=1, compile=True, max_autotune=True)
     assert [r["status"] for r in rows] == ["ran"] * 3
     assert modes == ["default", "max-autotune"] and rows[2]["same_math"]
 
@@ -347,18 +323,7 @@ def test_the_max_autotune_rung_runs_only_when_asked_for(tokens, monkeypatch):
 def test_ladder_with_compile_and_larger_batch(tokens):
     """The compiled rungs run on CPU too (slow to compile, so a 1-layer model and 2
     steps each)."""
-    rows = run_ladder(
-        GPTConfig(n_layer=1, n_head=2, n_embd=32),
-        B=2,
-        T=16,
-        steps=1,
-        warmup=1,
-        device="cpu",
-        compile=True,
-        max_batch_size=4,
-        tokens=tokens,
-        progress=False,
-    )
+    rows = tiny_ladder(tokens, T=16, steps=1, compile=True, max_batch_size=4)
     by_name = {r["rung"]: r for r in rows}
     assert (
         by_name["+ torch.compile"]["status"] == "ran"
@@ -392,17 +357,7 @@ def test_ladder_restores_the_tf32_flags_and_keeps_rows_after_a_failure(
     monkeypatch.setattr(bench, "time_recipe", fails_on_the_third)
     try:
         with pytest.raises(RuntimeError, match="third rung"):
-            run_ladder(
-                GPTConfig(n_layer=1, n_head=2, n_embd=32),
-                B=2,
-                T=16,
-                steps=1,
-                warmup=1,
-                device="cpu",
-                compile=False,
-                tokens=tokens,
-                progress=False,
-            )
+            tiny_ladder(tokens, T=16, steps=1)
         assert torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -576,16 +531,6 @@ def test_an_attention_kernel_that_cannot_run_here_is_a_skipped_rung(
 
     rung = bench.Rung("+ cuDNN attention", {"attention": "cudnn", "attn_impl": "sdpa"})
     monkeypatch.setattr(bench, "LADDER", [bench.LADDER[0], rung])
-    rows = run_ladder(
-        GPTConfig(n_layer=1, n_head=2, n_embd=32),
-        B=2,
-        T=32,
-        steps=1,
-        warmup=1,
-        device="cpu",
-        compile=False,
-        tokens=tokens,
-        progress=False,
-    )
+    rows = tiny_ladder(tokens, steps=1)
     assert rows[0]["status"] == "ran" and rows[1]["status"] == "skipped"
     assert rows[1]["reason"].startswith("cudnn attention does not run here: No viable")
