@@ -103,7 +103,9 @@ class TrainConfig:
     )
     min_lr_ratio: float = checked(0.1, finite(0, 1, "between 0 and 1"))
     warmup_steps: int = checked(20, ZERO_OR_MORE)
-    max_steps: int = checked(130, at_least(1))
+    # about one pass over the training split, in the minutes the first default took on
+    # a 2-core CPU (chapter 9's sweep chose it)
+    max_steps: int = checked(320, at_least(1))
     weight_decay: float = checked(
         0.1,
         finite(
@@ -129,7 +131,7 @@ class TrainConfig:
         0.95, Rule(lambda v: 0 <= v < 1, "at least 0 and below 1 (0.95 is usual)")
     )
     # evaluation, samples, checkpoints (every N steps; 0 = never, except at the end)
-    eval_every: int = checked(25, NEVER_OR_EVERY)
+    eval_every: int = checked(40, NEVER_OR_EVERY)
     # validation batches of B sequences, shared out between the ranks
     eval_batches: int = checked(8, at_least(1))
     # "" = off; "download" = HellaSwag's validation set (chapter 8); or a .jsonl path

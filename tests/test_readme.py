@@ -56,6 +56,7 @@ def quoted_figures() -> list[str]:
 
     from gpt2lib.bench import REL_TOLERANCE
     from gpt2lib.config import PRESETS
+    from gpt2lib.data import baseline_losses, split_text
     from gpt2lib.fineweb import SHARD_SIZE
     from gpt2lib.ladder import RUNGS, parse_args
     from gpt2lib.preflight import duration, restate_hellaswag
@@ -73,12 +74,32 @@ def quoted_figures() -> list[str]:
     assert {k: v for k, v in run.items() if k != "data"} == {
         k: shakespeare.settings()[k] for k in run if k != "data"
     }
+    # where the run ends against the baselines of its split (chapter 3)
+    train_tokens, val_tokens = split_text("shakespeare", shakespeare.val_fraction)
+    baselines = baseline_losses(train_tokens, val_tokens)
+    unigram, bigram = baselines["unigram"], baselines["bigram"]
+    assert bigram < summary["val_loss"] < unigram, "the README says between the two"
+    # the sweep's lowest run (chapter 9)
+    sweep_dir = RESULTS / "shakespeare-sweep"
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    lowest = min(
+        sweep["runs"],
+        key=lambda run: json.loads((sweep_dir / run / "summary.json").read_text())[
+            "val_loss"
+        ],
+    )
+    low = json.loads((sweep_dir / lowest / "summary.json").read_text())
+    assert low["val_loss"] > bigram, "the README says no run of the sweep beat it"
     figures = [
         f"Measured on a 2-core CPU (the CI machine type, torch {torch_version} CPU): "
         f"{summary['steps']} steps ({summary['steps'] * run['total_batch_size']:,} "
         f"tokens) in {summary['seconds_this_invocation'] / 60:.1f} minutes, final "
         f"validation loss {summary['val_loss']:.2f} (from {at_init:.2f} at "
-        "initialisation)",
+        f"initialisation): below the unigram baseline of its split ({unigram:.2f}), "
+        f"above the bigram baseline ({bigram:.2f})",
+        f"the lowest, `{lowest}` ({low['steps']:,} steps, "
+        f"{low['steps'] * low['config']['total_batch_size']:,} tokens), ended at "
+        f"{low['val_loss']:.2f}",
         f"a {shakespeare.model.n_layer}-layer, {shakespeare.model.n_embd}-wide GPT",
         f"the last {shakespeare.val_fraction:.0%}".replace("%", " %"),
         f"checkpoints (the last {shakespeare.keep_checkpoints})",
