@@ -382,7 +382,8 @@ def parse_args(argv=None):
         default=None,
         metavar="DATA",
         help="validation loss on a .npy token file, a shard directory or a shipped "
-        f"text ({', '.join(SHIPPED_TEXTS)}: its last {VAL_FRACTION:.0%}, as "
+        # argparse formats its help with %: a percent sign is written twice
+        f"text ({', '.join(SHIPPED_TEXTS)}: its last {VAL_FRACTION:.0%}%, as "
         "gpt2-train holds it out)",
     )
     ap.add_argument("--val-batches", type=int, default=20)
