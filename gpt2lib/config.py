@@ -401,12 +401,20 @@ def initial_model(cfg: TrainConfig, device: str):
     return GPT(cfg.model).to(device)
 
 
-def build_optimizer(cfg: TrainConfig, model, device: str) -> torch.optim.Optimizer:
-    """The optimizer `cfg` describes for `model`: AdamW, or Muon with AdamW (chapter 5).
-    Under FSDP, build it after sharding, which replaces the parameters it holds."""
+def build_optimizer(
+    cfg: TrainConfig, model, device: str, compile: bool = False
+) -> torch.optim.Optimizer:
+    """The optimizer `cfg` describes for `model`: AdamW, or Muon with AdamW (chapter 5;
+    `compile`: its Newton-Schulz compiled). Under FSDP, build it after sharding, which
+    replaces the parameters it holds."""
     if cfg.optimizer == "muon":
         return configure_muon(
-            model, cfg.max_lr, cfg.muon_lr, cfg.weight_decay, momentum=cfg.muon_momentum
+            model,
+            cfg.max_lr,
+            cfg.muon_lr,
+            cfg.weight_decay,
+            momentum=cfg.muon_momentum,
+            compile=compile,
         )
     return configure_optimizer(
         model, cfg.max_lr, cfg.weight_decay, device_type=torch.device(device).type

@@ -201,7 +201,7 @@ def build_run(
     model = initial_model(cfg, env.device)
     eval_model, step_model = wrap(model, compile, env, parallel)
     # after wrapping: FSDP's sharding replaces the parameters the optimizer holds
-    optimizer = build_optimizer(cfg, model, env.device)
+    optimizer = build_optimizer(cfg, model, env.device, compile)
     return Run(
         cfg,
         env,

@@ -895,6 +895,14 @@ MUTANTS = [
         "Muon's AdamW groups run the foreach path where the fused kernel was asked for",
     ),
     Mutant(
+        "muon-newton-schulz-never-compiled",
+        "run",
+        "build_optimizer(cfg, model, env.device, compile)",
+        "build_optimizer(cfg, model, env.device)",
+        ("test_muon",),
+        "a compiled run's Muon runs Newton-Schulz eager, kernel by kernel",
+    ),
+    Mutant(
         "compiled-padding-mask-is-a-wall",
         "model",
         "    if torch.compiler.is_compiling():\n        columns",
