@@ -34,20 +34,30 @@ def test_notebook_starts_with_the_install_cell(path):
     folder = path.parent.name
     code = first_code(path)
     if folder == "book":  # the About pages work in book/ and read results/ from there
-        code = code.replace(
-            "its book/ folder (this page reads\n# results/",
-            "its nbs/ folder (the chapters read\n# book/results/",
-        ).replace('"gpt2-from-scratch/book"', '"gpt2-from-scratch/nbs"')
+        code = (
+            code.replace(
+                "its book/ folder (this page reads\n# results/",
+                "its nbs/ folder (the chapters read\n# book/results/",
+            )
+            .replace('"gpt2-from-scratch/book"', '"gpt2-from-scratch/nbs"')
+            .replace("clone's book/ folder", "clone's nbs/ folder")
+        )
     assert code == canonical
     assert 'BOOK_COMMIT = "main"' in first_code(path)
-    assert f'os.chdir("gpt2-from-scratch/{folder}")' in first_code(path)
+    assert f'WORK_IN = "gpt2-from-scratch/{folder}"' in first_code(path)
 
 
 def run_install_cell(monkeypatch, installed: bool, tmp_path: Path) -> list:
     "Execute chapter 1's install cell with subprocess and chdir recorded, not run."
     monkeypatch.chdir(tmp_path)  # a fresh Colab folder: no clone there yet
     calls = []
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        if cmd[:2] == ["git", "clone"]:  # what a clone leaves
+            (tmp_path / cmd[-1] / "nbs").mkdir(parents=True)
+
+    monkeypatch.setattr(subprocess, "run", run)
     monkeypatch.setattr(os, "chdir", lambda path: calls.append(["chdir", path]))
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -66,6 +76,35 @@ def run_install_cell(monkeypatch, installed: bool, tmp_path: Path) -> list:
 
 def test_install_cell_does_nothing_where_gpt2lib_is_installed(monkeypatch, tmp_path):
     assert run_install_cell(monkeypatch, installed=True, tmp_path=tmp_path) == []
+
+
+def test_install_cell_works_in_the_clone_after_a_restart(monkeypatch, tmp_path):
+    """A restarted Colab runtime has gpt2lib installed but starts in /content again,
+    beside the clone: the cell must still move into nbs/ (it used to do nothing, and
+    chapters 4, 9 and 11 then said "not measured yet" for results that exist)."""
+    (tmp_path / "gpt2-from-scratch/nbs").mkdir(parents=True)
+    calls = run_install_cell(monkeypatch, installed=True, tmp_path=tmp_path)
+    assert calls == [["chdir", "gpt2-from-scratch/nbs"]]
+
+
+def test_install_cell_in_a_restarted_kernel(tmp_path):
+    "The same in a real kernel: a new process, gpt2lib installed, started beside a clone."
+    from jupyter_client.manager import start_new_kernel
+
+    (tmp_path / "gpt2-from-scratch/nbs").mkdir(parents=True)
+    km, kc = start_new_kernel(cwd=str(tmp_path))
+    try:
+        outputs = []
+        cell = first_code(ROOT / "nbs/01_hf_gpt2.ipynb") + "\nprint(os.getcwd())"
+        reply = kc.execute_interactive(
+            cell, timeout=60, output_hook=lambda msg: outputs.append(msg)
+        )
+        assert reply["content"]["status"] == "ok"
+        printed = "".join(m["content"].get("text", "") for m in outputs)
+        assert printed.strip() == str((tmp_path / "gpt2-from-scratch/nbs").resolve())
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
 
 
 def test_install_cell_installs_the_pinned_commit(monkeypatch, tmp_path):
@@ -111,7 +150,7 @@ def test_binder_installs_the_cpu_torch_and_the_package():
 
 def test_install_cell_rerun_keeps_the_clone(monkeypatch, tmp_path):
     "A rerun after a failed pip install must not fail on the existing clone."
-    (tmp_path / "gpt2-from-scratch").mkdir()
+    (tmp_path / "gpt2-from-scratch/nbs").mkdir(parents=True)
     calls = run_install_cell(monkeypatch, installed=False, tmp_path=tmp_path)
     assert [c[:2] for c in calls] == [
         ["git", "-C"],
