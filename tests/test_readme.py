@@ -204,3 +204,24 @@ def test_every_number_in_the_readme_is_tied_to_its_source():
         text = re.sub(pattern, "", text)
     numbers = re.findall(r"(?<![\w.])\d[\d,.]*\d(?:e-\d+)?|(?<![\w.-])\d(?!\w)", text)
     assert not numbers, f"numbers in the README that no test ties to a file: {numbers}"
+
+
+def first_bash_block(text: str) -> str:
+    return text.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_setup_and_the_books_pages_give_one_install():
+    """A newcomer's set-up: clone, then a venv and one install, with PyTorch's CPU
+    index named (PyPI's torch is the CUDA build, several GB, on a CPU-only Linux box);
+    the intro and setup pages give the same lines, not another install."""
+    root = Path(__file__).parent.parent
+    install = first_bash_block(README.split("## Install", 1)[1])
+    commands = install.splitlines()
+    assert commands[0].startswith("git clone https://github.com/")
+    assert commands[1] == "cd gpt2-from-scratch"
+    assert len(commands) == 4 and commands[-1].startswith(
+        'pip install -e ".[book,dev]"'
+    )
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in commands[-1]
+    for page in ("book/intro.md", "book/setup.md"):
+        assert first_bash_block((root / page).read_text()) == install, page
