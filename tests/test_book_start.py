@@ -4,6 +4,7 @@ Binder, and `tools/pin_commit.py` pins that cell to one commit."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +185,31 @@ def test_a_chapter_leaves_no_temporary_files_behind(tmp_path):
     assert scratch.parent == tmp_path and scratch.name.startswith("gpt2lib-book-")
     assert Path(child).parent == scratch  # the child was given TMPDIR
     assert list(tmp_path.iterdir()) == []  # all of it removed at exit
+
+
+def test_pin_commit_points_the_launch_buttons_at_a_tag(tmp_path):
+    config = tmp_path / "_config.yml"
+    config.write_text((ROOT / "_config.yml").read_text())
+    pin_commit.set_launch_ref(config, "book-0123abc")
+    before = (ROOT / "_config.yml").read_text().splitlines()
+    changed = [
+        (a, b) for a, b in zip(before, config.read_text().splitlines()) if a != b
+    ]
+    assert changed == [("  branch: main", "  branch: book-0123abc")]
+    config.write_text("title: x\n")
+    with pytest.raises(SystemExit, match="no `branch:` under `repository:`"):
+        pin_commit.set_launch_ref(config, "book-0123abc")
+
+
+def test_the_pages_workflow_pushes_the_tag_the_launch_buttons_open():
+    """Colab opens a notebook from GitHub at the launch buttons' ref: on `main` its
+    install cell is unpinned, so the workflow must push the tag it points them at."""
+    workflow = (ROOT / ".github/workflows/book.yml").read_text()
+    pin = re.search(r'pin_commit\.py "\$GITHUB_SHA" --launch-ref "([^"]+)"', workflow)
+    assert pin, "the workflow does not point the launch buttons at a pinned ref"
+    ref = pin.group(1)
+    assert f'git tag -f "{ref}"' in workflow
+    assert f'git push -f origin "refs/tags/{ref}"' in workflow
+    assert "contents: write" in workflow
+    # pinned before the build, which writes the buttons' links into the pages
+    assert workflow.index("--launch-ref") < workflow.index("jupyter-book build")

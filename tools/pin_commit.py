@@ -5,8 +5,13 @@ clones the repository at `BOOK_COMMIT` and installs it. In the repository the va
 "main"; the Pages workflow runs this before building, so that the notebooks the
 published book offers for download install the code its prose was built from.
 
+The launch buttons open a notebook on GitHub at `repository.branch` of _config.yml
+("main", whose install cell is not pinned). `--launch-ref TAG` points them at TAG
+instead: the workflow commits the pinned notebooks, tags that commit TAG and pushes it,
+so Colab opens the notebook pinned to the commit its page was built from.
+
     python tools/pin_commit.py            # the checkout's commit (git rev-parse HEAD)
-    python tools/pin_commit.py SHA
+    python tools/pin_commit.py SHA --launch-ref book-SHA
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN = re.compile(r'^BOOK_COMMIT = "[^"]*"', re.MULTILINE)
+# the branch line of _config.yml's `repository:` section, which the launch buttons open
+LAUNCH_REF = re.compile(
+    r"^(repository:\n(?:[ \t]+.*\n)*?[ \t]+branch:[ \t]*)(\S+)", re.M
+)
 
 
 def book_notebooks(root: Path = ROOT) -> list[Path]:
@@ -49,9 +58,21 @@ def pin(path: Path, commit: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def set_launch_ref(config: Path, ref: str) -> None:
+    "Point the launch buttons of the book `config` (_config.yml) builds at `ref`."
+    text = config.read_text(encoding="utf-8")
+    if not LAUNCH_REF.search(text):
+        raise SystemExit(f"error: {config}: no `branch:` under `repository:`")
+    config.write_text(LAUNCH_REF.sub(rf"\g<1>{ref}", text, count=1), encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("commit", nargs="?", help="default: the checkout's HEAD")
+    ap.add_argument(
+        "--launch-ref",
+        help="the tag or branch the launch buttons open (default: as is)",
+    )
     args = ap.parse_args(argv)
     commit = (
         args.commit
@@ -63,11 +84,15 @@ def main(argv: list[str] | None = None) -> None:
             check=True,
         ).stdout.strip()
     )
-    if not re.fullmatch(r"[0-9a-f]{7,40}|[\w./-]+", commit):
-        sys.exit(f"error: {commit!r} is not a commit or branch name")
+    for name in (commit, args.launch_ref or "main"):
+        if not re.fullmatch(r"[0-9a-f]{7,40}|[\w./-]+", name):
+            sys.exit(f"error: {name!r} is not a commit, tag or branch name")
     for path in book_notebooks():
         pin(path, commit)
     print(f"pinned {len(book_notebooks())} notebooks to {commit}")
+    if args.launch_ref:
+        set_launch_ref(ROOT / "_config.yml", args.launch_ref)
+        print(f"the launch buttons open {args.launch_ref}")
 
 
 if __name__ == "__main__":
