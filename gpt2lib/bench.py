@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
 
 from .data import DataLoader, read_asset_text, tokenize
 from .model import GPT, GPTConfig
@@ -59,7 +61,7 @@ def flops_per_token(config: GPTConfig, T: int) -> int:
     head_dim = config.n_embd // config.n_head
     return 6 * N + 12 * config.n_layer * config.n_head * head_dim * T
 
-
+# %% ../nbs/04_speed.ipynb #c004p2
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's datasheets. The
 # first name contained in torch.cuda.get_device_name() wins, so specific names come
 # first.
@@ -137,7 +139,7 @@ def attention_kernel(recipe: Recipe):
         return nullcontext
     return partial(sdpa_kernel, SDPBackend.CUDNN_ATTENTION)
 
-
+# %% ../nbs/04_speed.ipynb #c008p2
 def build_model(config: GPTConfig, seed: int = 1337) -> GPT:
     """A GPT initialised from `seed` exactly as the unpadded model would be, padding
     rows zero: with or without `pad_vocab_to`, the same seed gives the same function."""
@@ -165,7 +167,7 @@ def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
+# %% ../nbs/04_speed.ipynb #c013p2
 def time_recipe(
     recipe: Recipe,
     config: GPTConfig,
@@ -277,7 +279,7 @@ def skip_reason(
         return "not asked for (`--max-autotune`: minutes more of compiling)"
     return None
 
-
+# %% ../nbs/04_speed.ipynb #c015p2
 def run_ladder(
     config: GPTConfig,
     B: int,

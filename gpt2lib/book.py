@@ -18,7 +18,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+
 import torch
+
 
 from .runtime import default_device, resolve_device, UserError
 
@@ -66,7 +68,7 @@ def scratch_directory() -> Path:
         tempfile.tempdir = os.environ["TMPDIR"] = _scratch.name
     return Path(_scratch.name)
 
-
+# %% ../nbs/00_runtime.ipynb #c020p2
 def quiet_libraries() -> None:
     """Keep progress bars and advisory warnings of transformers/huggingface_hub out of
     the pages."""

@@ -19,10 +19,13 @@ import os
 import time
 from dataclasses import dataclass
 
+
 import torch
 import torch.distributed as dist
 
+
 from .runtime import resolve_device, UserError
+
 
 # seconds a collective may wait for the other ranks (NCCL's own default)
 DEFAULT_TIMEOUT = 600.0
@@ -63,7 +66,7 @@ def rank_from_env() -> int:
     except ValueError:
         return 0
 
-
+# %% ../nbs/06_ddp.ipynb #c006p2
 def world_size_from_env() -> int:
     "The number of processes torchrun started (1 outside torchrun), checked."
     world_size = _env_int("WORLD_SIZE") if launched_by_torchrun() else 1
@@ -121,7 +124,7 @@ def setup(device: str | None = None, timeout: float | None = None) -> DistEnv:
     )
     return DistEnv(rank, local_rank, world_size, device, backend, timeout)
 
-
+# %% ../nbs/06_ddp.ipynb #c006p3
 def teardown() -> None:
     "Leave the process group (nothing to do in a plain process)."
     if dist.is_initialized():
@@ -185,7 +188,7 @@ def defer_to_rank_0(rank: int) -> None:
     if rank != 0:
         time.sleep(RANK_0_FIRST)
 
-
+# %% ../nbs/06_ddp.ipynb #c008p2
 def on_main(fn):
     """`fn()` run by rank 0 alone, its result handed to every rank. If it fails, rank 0
     raises the error and the other ranks stop quietly (exit status 1), so that the user

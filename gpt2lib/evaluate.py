@@ -263,7 +263,7 @@ def batches(widths: list[int], max_tokens: int) -> list[list[int]]:
             groups.append([i])
     return groups
 
-
+# %% ../nbs/08_eval.ipynb #c024p2
 def evaluate_hellaswag(
     model,
     examples: list[dict],

@@ -78,7 +78,7 @@ def check_out_dir(out_dir, force: bool = False) -> Path:
         )
     return out
 
-
+# %% ../nbs/10_beyond.ipynb #c010p2
 def export_hf(model: GPT, out_dir, force: bool = False) -> Path:
     """Write `model` to `out_dir` in Hugging Face's GPT-2 format, which
     `GPT2LMHeadModel.from_pretrained` and `GPT.from_pretrained` load. Returns the

@@ -366,7 +366,7 @@ def tokenized(docs: Iterable[str], workers: int, chunksize: int = 16):
     pool.terminate()
     pool.join()
 
-
+# %% ../nbs/07_fineweb.ipynb #c015p2
 def write_shards(
     docs: Iterable[str],
     out,
@@ -427,7 +427,7 @@ def write_shards(
             shutil.rmtree(out, ignore_errors=True)
         raise
 
-
+# %% ../nbs/07_fineweb.ipynb #c015p3
 def _write_shards(
     docs,
     out,

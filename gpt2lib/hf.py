@@ -121,7 +121,7 @@ def hf_head_is_tied(model_dir) -> bool:
         raise UserError(f"{path}: tie_word_embeddings is {tied!r}, not true or false")
     return tied
 
-
+# %% ../nbs/02_model.ipynb #c024p2
 def read_hf_state_dict(model_dir) -> dict:
     """The tensors of an HF checkpoint: model.safetensors (single or sharded) or
     pytorch_model.bin."""
@@ -215,7 +215,7 @@ def convert_hf_state_dict(hf_sd: dict, ours: dict, tied: bool = True) -> dict:
             )
     return converted
 
-
+# %% ../nbs/02_model.ipynb #c026p2
 def load_hf_state_dict(model, hf_sd: dict):
     """Copy an HF GPT2LMHeadModel state dict into `model` (see `convert_hf_state_dict`);
     returns `model`."""

@@ -12,21 +12,25 @@ __all__ = [
 
 # %% ../nbs/11_speedrun.ipynb #c004
 
+
 import math
 from dataclasses import dataclass
+
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+
 from .model import MLP, Block, CausalSelfAttention, GPTConfig
 from .runtime import Rule, refuse, checked
+
 
 SWITCHES = ("rope", "qk_norm", "relu2", "untie_head", "zero_init_proj", "softcap")
 SWITCH = Rule(lambda v: True, "true or false (with --arch modern)")
 MAX_SOFTCAP = 1000.0  # tanh(z / 1000) is z / 1000 for any logit a model makes
 
-
+# %% ../nbs/11_speedrun.ipynb #c004p2
 @dataclass
 class ModernConfig(GPTConfig):
     # rotary position embeddings in attention instead of wpe
@@ -80,7 +84,7 @@ class ModernConfig(GPTConfig):
     def tied_head(self) -> bool:
         return not self.untie_head
 
-
+# %% ../nbs/11_speedrun.ipynb #c004p3
 def rotary_angles(n: int, d: int, base: float = 10000.0, device=None):
     """cos and sin (n, d/2) of the angles t * base^(-2i/d) of the positions t < n, in
     fp32: a model computes them once, not in every layer at every step."""
@@ -133,7 +137,7 @@ class ModernAttention(CausalSelfAttention):
             k = rotary(k, self.rope_base, start, angles)
         return q, k
 
-
+# %% ../nbs/11_speedrun.ipynb #c004p4
 class ModernMLP(MLP):
     "Chapter 2's MLP (same weights), with ReLU² instead of GELU on request."
 

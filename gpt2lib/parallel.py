@@ -19,11 +19,14 @@ import sys
 import warnings
 from contextlib import nullcontext
 
+
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+
 from . import dist
 from .runtime import Precision, UserError
+
 
 # the kinds of parallelism a run may ask for (--parallel)
 PARALLELS = ("ddp", "fsdp")
@@ -60,7 +63,7 @@ def check_parallel(
             "--optimizer adamw, or --parallel ddp"
         )
 
-
+# %% ../nbs/06_ddp.ipynb #par02p2
 def sharded(model) -> bool:
     """Whether `model` is spread over the ranks (FSDP). This is what rank 0 may
     assume: a model that is not sharded is whole on rank 0, which may sample, score
@@ -154,7 +157,7 @@ def unsharded(model):
         # FSDP's own choice for the root: its weights are needed again by backward
         model.set_reshard_after_forward(False, recurse=False)
 
-
+# %% ../nbs/06_ddp.ipynb #par03p2
 def all_finite(model) -> bool:
     """Whether every weight of `model` (or of the part of a checkpoint that holds it
     in `module`) is a finite number. Sharded: each rank checks its shard, and every

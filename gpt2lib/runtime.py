@@ -33,6 +33,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
+
 import torch
 
 
@@ -50,7 +51,7 @@ def default_device() -> str:
         return "mps"
     return "cpu"
 
-
+# %% ../nbs/00_runtime.ipynb #c003p2
 def resolve_device(name: str | None = None) -> str:
     """`name` if this machine has that device (None: `default_device()`); a clear
     ValueError if not."""
@@ -135,7 +136,7 @@ def has_type(value, kind) -> bool:
         return False
     return isinstance(value, kind)
 
-
+# %% ../nbs/00_runtime.ipynb #c004sp2
 def check_settings(settings) -> None:
     """Raise a UserError naming the first field of the dataclass `settings` whose
     value has the wrong type or breaks its rule; a field that is itself settings (a
@@ -219,7 +220,7 @@ def describe_precision(device, chosen: str) -> str:
     native = "has" if bf16_native(device) else "has no"
     return f"{words} (compute capability {major}.{minor} {native} native bf16)"
 
-
+# %% ../nbs/00_runtime.ipynb #c006p2
 def autocast_for(device, dtype: torch.dtype | str | None = None):
     """A factory of autocast contexts for `device`. `dtype`: a torch dtype, a precision
     name for `choose_precision`, or None for its "auto" (bf16 or fp16 on CUDA, none
@@ -396,7 +397,7 @@ def cpu_info(cpuinfo="/proc/cpuinfo") -> dict:
         "threads": torch.get_num_threads(),
     }
 
-
+# %% ../nbs/00_runtime.ipynb #c015p2
 def device_name(device) -> str:
     """A readable name of `device`: the GPU's model, or the CPU's model, architecture
     and PyTorch's thread count."""
@@ -487,7 +488,7 @@ def command_name(module: str) -> str:
     script = "gpt2-" + module.replace("_", "-")
     return script if Path(sys.argv[0]).name == script else f"python -m gpt2lib.{module}"
 
-
+# %% ../nbs/00_runtime.ipynb #c018p2
 def run_command(main):
     """Make `main(argv)` a command: a user error exits with status 1 and one line on
     stderr, so does running out of memory, Ctrl-C exits with 130, anything else shows

@@ -12,7 +12,9 @@ __all__ = [
 import argparse
 import math
 
+
 import torch
+
 
 from .checkpoint import MODEL_SPEC_HELP, load_model
 from .model import MIN_TEMPERATURE
@@ -40,7 +42,7 @@ def complete(
     )
     return [get_encoding().decode(row.tolist()) for row in out]
 
-
+# %% ../nbs/02_model.ipynb #c035p2
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         prog=command_name("sample"), description="Sample text from a GPT."
@@ -100,7 +102,7 @@ def main(argv=None) -> None:
     ):
         print(">", text)
 
-
+# %% ../nbs/02_model.ipynb #c035p3
 # run as a program, not in the notebook
 if __name__ == "__main__" and "get_ipython" not in globals():
     main()
