@@ -14,6 +14,8 @@ spec.loader.exec_module(check_book)
 
 PAGE = "nbs/01_hf_gpt2"  # a notebook of the book: its page must show cell outputs
 OUTPUT = '<div class="cell_output docutils container"><pre>Running on cpu</pre></div>'
+FIGURE = '<img src="plot.png">'  # chapter 1 has one cell that draws
+LOGO = '<img src="../_static/images/logo_colab.png">'  # the theme's, not a figure
 TRACEBACK = '<div class="output traceback highlight-ipythontb"><pre>Traceback (most recent call last):</pre></div>'
 
 
@@ -21,23 +23,31 @@ def built(tmp_path, body, image: bytes | None = None) -> Path:
     html = tmp_path / "html"
     (html / "nbs").mkdir(parents=True)
     (html / f"{PAGE}.html").write_text(f"<html><body>{body}</body></html>")
+    (html / "_static/images").mkdir(parents=True)
+    (html / "_static/images/logo_colab.png").write_bytes(b"\x89PNG a logo")
     if image is not None:
         (html / "nbs" / "plot.png").write_bytes(image)
     return html
 
 
 def test_a_good_page_passes(tmp_path):
-    html = built(tmp_path, OUTPUT + '<img src="plot.png">', image=b"\x89PNG not empty")
+    html = built(tmp_path, OUTPUT + FIGURE, image=b"\x89PNG not empty")
     assert check_book.check_page(html, PAGE) == []
 
 
 @pytest.mark.parametrize(
     "body, image, problem",
     [
-        ("<p>prose only</p>", None, "no cell outputs (did execution run?)"),
-        (OUTPUT + TRACEBACK, None, "shows an error output"),
+        ("<p>prose only</p>" + FIGURE, b"png", "no cell outputs (did execution run?)"),
+        (OUTPUT + TRACEBACK + FIGURE, b"png", "shows an error output"),
         (OUTPUT + '<img src="missing.png">', None, "missing image missing.png"),
-        (OUTPUT + '<img src="plot.png">', b"", "empty image plot.png"),
+        (OUTPUT + FIGURE, b"", "empty image plot.png"),
+        (
+            OUTPUT + LOGO,
+            None,
+            "shows 0 figures, but 1 of its cells draw one (a plot lost: its data "
+            "missing, or its cell skipped it)",
+        ),
     ],
 )
 def test_a_broken_page_fails_naming_the_problem(tmp_path, body, image, problem):

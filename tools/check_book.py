@@ -5,7 +5,9 @@
 Jupyter Book can produce a page whose cells never ran or that shows an error output while
 the build still "succeeds"; this fails loudly instead. It reads the HTML files and owns:
 a page of the table of contents that was not built, a notebook page without any cell
-output, an error output (a traceback), and an image file that is missing or empty.
+output, an error output (a traceback), an image file that is missing or empty, and a
+notebook page that shows fewer figures than it has cells that draw one (the theme's
+Colab and Binder logos are not figures).
 
 What only a browser sees is `tools/check_browser.py`'s: links to pages or anchors that do
 not exist, images that do not decode, Markdown tables rendered as text, script errors.
@@ -13,11 +15,14 @@ CI runs both (`.ci/run`); tests/test_check_book.py and tests/test_check_browser.
 each on small broken books.
 """
 
+import json
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# a code cell that makes a matplotlib figure (each such cell shows at least one)
+DRAWS = re.compile(r"plt\.(subplots|figure)\(|\.imshow\(")
 
 
 def toc_files(toc: Path = ROOT / "_toc.yml") -> list[str]:
@@ -27,6 +32,25 @@ def toc_files(toc: Path = ROOT / "_toc.yml") -> list[str]:
     return re.findall(r"^root:\s*(\S+)", text, re.M) + re.findall(
         r"file:\s*(\S+)", text
     )
+
+
+def drawing_cells(notebook: Path) -> int:
+    "How many code cells of `notebook` draw a figure."
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    return sum(
+        1
+        for c in cells
+        if c["cell_type"] == "code" and DRAWS.search("".join(c["source"]))
+    )
+
+
+def figures(html: str) -> list[str]:
+    "The images a page shows from its own files, without the theme's (`_static/`)."
+    return [
+        src
+        for src in re.findall(r"<img[^>]+src=\"([^\"]+)\"", html)
+        if not src.startswith(("http:", "https:")) and "_static/" not in src
+    ]
 
 
 def check_page(html_dir: Path, page: str) -> list[str]:
@@ -50,6 +74,13 @@ def check_page(html_dir: Path, page: str) -> list[str]:
             problems.append(f"{page}: missing image {src}")
         elif image.stat().st_size == 0:
             problems.append(f"{page}: empty image {src}")
+    if is_notebook:
+        drawn, shown = drawing_cells(ROOT / f"{page}.ipynb"), len(figures(html))
+        if shown < drawn:
+            problems.append(
+                f"{page}: shows {shown} figures, but {drawn} of its cells draw one "
+                "(a plot lost: its data missing, or its cell skipped it)"
+            )
     return problems
 
 
@@ -62,7 +93,7 @@ def main(html_dir: str = "_build/html") -> int:
     if not problems:
         print(
             f"book check: {len(pages)} pages built, executed, no error outputs, images "
-            "present"
+            "present, every drawing cell's figure shown"
         )
     return 1 if problems else 0
 
