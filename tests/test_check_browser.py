@@ -120,6 +120,19 @@ BAD = {
         "script error", "<script>throw new Error('boom from the page')</script>"
     ),
     "raw_table.html": page("raw table", RAW_TABLE),
+    # a code line longer than a laptop's main column: it scrolls sideways
+    "wide_code.html": page(
+        "wide code",
+        '<article><div style="width: 600px"><pre style="overflow-x: auto">'
+        + "x = 1  # "
+        + "w" * 200
+        + "</pre></div></article>",
+    ),
+    # math as Sphinx writes it, with no MathJax on the page to typeset it
+    "raw_math.html": page(
+        "raw math",
+        '<p><span class="math notranslate nohighlight">\\(G = U S V^\\top\\)</span></p>',
+    ),
     "missing_css.html": '<html><head><link rel="stylesheet" href="_static/gone.css"></head><body>text</body></html>',
 }
 
@@ -195,6 +208,19 @@ def test_markdown_table_rendered_as_text_fails(verdicts):
     assert verdicts[0]["raw_table.html"] == [
         "Markdown table output shown as text (set nb_render_markdown_format: gfm): | "
         "preset | seed |"
+    ]
+
+
+def test_code_wider_than_its_box_at_1280_px_fails(verdicts):
+    [problem] = verdicts[0]["wide_code.html"]
+    assert problem.startswith("scrolls sideways at 1280 x 800: <pre> ")
+    assert "px wide in a 600 px box: 'x = 1  # www" in problem
+
+
+def test_math_left_as_tex_fails(verdicts):
+    assert verdicts[0]["raw_math.html"] == [
+        "math shown as TeX, not typeset (is MathJax served with the book?): "
+        "\\(G = U S V^\\top\\)"
     ]
 
 

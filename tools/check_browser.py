@@ -10,7 +10,10 @@ A page fails on:
 * an image that does not load (`img.complete && img.naturalWidth == 0`, after the load settles);
 * a broken internal link: a same-site target file that does not exist, or a `#anchor` that
   is not an id on the target page;
-* a script error raised by the page itself (an uncaught exception; a failed local request).
+* a script error raised by the page itself (an uncaught exception; a failed local request);
+* anything that scrolls sideways in a 1280 x 800 window (a laptop's): a code block or an
+  output wider than its box, or the page wider than the window;
+* math shown as its TeX source (MathJax, served with the book, did not typeset it).
 
 The book is served over http from a local port under a sub-path, as GitHub Pages serves it.
 Requests to any other host are aborted at once: the check needs no network, and the external
@@ -67,7 +70,12 @@ CHROMIUM_ARGS = [
 # Runs in the page once it has loaded: wait for every image to settle (lazy ones made
 # eager),
 # then report images, links, ids and error outputs.
+VIEWPORT = {"width": 1280, "height": 800}
 INSPECT_JS = r"""async (selector) => {
+  // MathJax typesets after the load event: wait for it (10 s at most)
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    await Promise.race([MathJax.startup.promise, new Promise(done => setTimeout(done, 10000))]);
+  }
   const imgs = Array.from(document.images);
   imgs.forEach(img => { img.loading = "eager"; });
   await Promise.all(imgs.map(img => img.complete ? null : new Promise(done => {
@@ -83,6 +91,17 @@ INSPECT_JS = r"""async (selector) => {
     rawTables: Array.from(document.querySelectorAll(".cell_output p"))
       .filter(p => /^\s*\|.*\|\s*$/m.test(p.textContent) && /^\s*\|[\s:|\-\u2013\u2014]+\|\s*$/m.test(p.textContent))
       .map(p => p.textContent.trim().split("\n")[0]),
+    rawMath: Array.from(document.querySelectorAll(".math"))
+      .filter(e => !e.querySelector("mjx-container") && !e.closest("mjx-container"))
+      .map(e => e.textContent.trim().slice(0, 60)),
+    sideways: Array.from((document.querySelector("article") || document.body).querySelectorAll("*"))
+      .filter(e => e.scrollWidth > e.clientWidth + 1
+                   && ["auto", "scroll"].includes(getComputedStyle(e).overflowX))
+      .map(e => ({tag: e.tagName.toLowerCase(), wide: e.scrollWidth, box: e.clientWidth,
+                  text: (e.innerText || "").trim().split("\n")[0].slice(0, 60)}))
+      .concat(document.documentElement.scrollWidth > window.innerWidth + 1
+        ? [{tag: "html", wide: document.documentElement.scrollWidth, box: window.innerWidth, text: "the page"}]
+        : []),
   };
 }"""
 
@@ -246,6 +265,16 @@ def check_page(
         and not any(known.search(p) for known in KNOWN_HARMLESS)
     ]
     problems += [f"error output: {line}" for line in info["errors"]]
+    size = f"{VIEWPORT['width']} x {VIEWPORT['height']}"
+    problems += [
+        f"scrolls sideways at {size}: <{box['tag']}> {box['wide']} px wide in a "
+        f"{box['box']} px box: {box['text']!r}"
+        for box in info["sideways"]
+    ]
+    problems += [
+        f"math shown as TeX, not typeset (is MathJax served with the book?): {tex}"
+        for tex in info["rawMath"]
+    ]
     problems += [
         "Markdown table output shown as text (set nb_render_markdown_format: gfm): "
         f"{line}"
@@ -333,7 +362,7 @@ def check_site(
                 raise RuntimeError(
                     f"could not start {executable}: {str(e).splitlines()[0]}"
                 ) from None
-            context = browser.new_context()
+            context = browser.new_context(viewport=VIEWPORT)
             # No network: abort every request to another host at once, so
             # no page waits on a CDN.
             context.route(
