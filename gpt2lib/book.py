@@ -5,8 +5,8 @@ not show for real."""
 
 # %% auto #0
 __all__ = [
-    'Setting', 'book_setting', 'scratch_directory', 'quiet_libraries', 'banner',
-    'show_help'
+    'CHAPTERS', 'Setting', 'book_setting', 'scratch_directory', 'quiet_libraries',
+    'banner', 'show_help', 'pipeline'
 ]
 
 # %% ../nbs/00_runtime.ipynb #c020
@@ -106,3 +106,59 @@ def show_help(command: str) -> None:
         check=True,
     )
     print(result.stdout.rstrip())
+
+# %% ../nbs/00_runtime.ipynb #c020pp
+# the chapters in the order the book builds GPT-2: each its box in `pipeline`
+CHAPTERS = (
+    "released\nGPT-2",
+    "the\nmodel",
+    "data and\ninit",
+    "speed",
+    "the\noptimizer",
+    "several\nGPUs",
+    "FineWeb\n-Edu",
+    "evaluation",
+    "training\nprogram",
+    "beyond\nGPT-2",
+    "beyond,\nmeasured",
+)
+
+
+def pipeline(chapter: int) -> None:
+    """Where chapter `chapter` (1-11) sits in the book: every chapter a box, this one
+    highlighted. Each chapter shows it at its top."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    if chapter not in range(1, len(CHAPTERS) + 1):
+        raise UserError(f"chapter {chapter} is not one of 1-{len(CHAPTERS)}")
+    fig, ax = plt.subplots(figsize=(9, 1.1))
+    ax.set(xlim=(0, len(CHAPTERS)), ylim=(0, 1))
+    ax.axis("off")
+    for i, label in enumerate(CHAPTERS, start=1):
+        here = i == chapter
+        ax.add_patch(
+            FancyBboxPatch(
+                (i - 0.94, 0.1),
+                0.78,
+                0.8,
+                boxstyle="round,pad=0.02",
+                fc="#f5b041" if here else "#eaf2f8",
+                ec="black" if here else "0.6",
+            )
+        )
+        ax.text(
+            i - 0.55,
+            0.5,
+            f"{i}\n{label}",
+            ha="center",
+            va="center",
+            fontsize=6.5,
+            weight="bold" if here else "normal",
+        )
+        if i < len(CHAPTERS):  # on to the next chapter
+            style = dict(arrowstyle="-|>", lw=0.8, color="0.4")
+            ax.annotate(
+                "", xy=(i + 0.06, 0.5), xytext=(i - 0.14, 0.5), arrowprops=style
+            )
+    plt.show()

@@ -72,3 +72,37 @@ def test_every_listed_subject_is_a_visible_cell():
     "An entry of SUBJECTS that no longer names a shown cell is stale: remove it."
     shown = {(p.stem, c["id"]) for p in PAGES for c in code_cells(p) if visible(c)}
     assert set(SUBJECTS) <= shown, set(SUBJECTS) - shown
+
+
+CHAPTERS = [p for p in PAGES if p.parent.name == "nbs" and p.stem[:2] != "00"]
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_each_chapter_opens_with_where_it_sits_in_the_book(path):
+    install, first = code_cells(path)[:2]
+    assert "BOOK_COMMIT" in "".join(install["source"])
+    assert "".join(first["source"]).endswith(f"pipeline({int(path.stem[:2])})")
+    assert "remove-input" in first["metadata"]["tags"]  # the picture, not its code
+
+
+def test_the_pipeline_highlights_its_chapter_and_no_other(monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    from gpt2lib.book import CHAPTERS as NAMES, pipeline
+    from gpt2lib.runtime import UserError
+
+    monkeypatch.setattr(plt, "show", lambda: None)
+    for chapter in (1, 9, len(NAMES)):
+        pipeline(chapter)
+        boxes = [p for p in plt.gca().patches if isinstance(p, FancyBboxPatch)]
+        plain = boxes[0].get_facecolor() if chapter != 1 else boxes[1].get_facecolor()
+        lit = [i + 1 for i, box in enumerate(boxes) if box.get_facecolor() != plain]
+        assert len(boxes) == len(NAMES) and lit == [chapter]
+        plt.close("all")
+    for wrong in (0, len(NAMES) + 1):
+        with pytest.raises(UserError, match=f"chapter {wrong} is not one of 1-"):
+            pipeline(wrong)
