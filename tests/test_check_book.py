@@ -64,3 +64,15 @@ def test_every_page_of_the_table_of_contents_is_checked(tmp_path, capsys):
     assert "book/intro" in pages and PAGE in pages and "nbs/00_runtime" in pages
     assert check_book.main(str(tmp_path)) == 1  # nothing built
     assert capsys.readouterr().out.count("not built") == len(pages)
+
+
+def test_only_cells_that_draw_at_their_top_level_count(tmp_path):
+    def notebook(*sources):
+        cells = [{"cell_type": "code", "source": [s]} for s in sources]
+        path = tmp_path / "nb.ipynb"
+        path.write_text(check_book.json.dumps({"cells": cells}))
+        return path
+
+    draws = "fig, ax = plt.subplots()\nax.plot([1, 2])\nplt.show()"
+    defines = "def plot(xs):\n    fig, ax = plt.subplots()\n    ax.plot(xs)"
+    assert check_book.drawing_cells(notebook(draws, defines, "plot([1])")) == 1

@@ -21,8 +21,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# a code cell that makes a matplotlib figure (each such cell shows at least one)
-DRAWS = re.compile(r"plt\.(subplots|figure)\(|\.imshow\(")
+# a code cell that makes a matplotlib figure on a line of its own top level (each such
+# cell shows at least one; a cell that only defines a plotting function draws nothing)
+DRAWS = re.compile(r"^(?=\S).*?(plt\.(subplots|figure)\(|\.imshow\()", re.M)
 
 
 def toc_files(toc: Path = ROOT / "_toc.yml") -> list[str]:
