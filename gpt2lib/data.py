@@ -88,10 +88,17 @@ def baseline_losses(
 ) -> dict[str, float]:
     """Validation loss (nats per token) of the uniform, unigram and interpolated bigram
     models fitted on `train`; the bigram's weight is chosen on train's last tenth."""
+    for name, tokens in (("training", train), ("validation", val)):
+        if len(tokens) < 2:  # no pair to fit or to predict
+            raise UserError(
+                f"the baselines need at least 2 {name} tokens, got {len(tokens)}"
+            )
     cut = len(train) * 9 // 10
     weights = [i / 20 for i in range(1, 20)]
-    held_out = bigram_nll(train[:cut], train[cut:], vocab_size, weights)
-    best = weights[int(np.argmin(held_out))]
+    best = 0.5  # where train's last tenth is too short to hold a pair to choose by
+    if len(train) - cut >= 2:
+        held_out = bigram_nll(train[:cut], train[cut:], vocab_size, weights)
+        best = weights[int(np.argmin(held_out))]
     b = val[1:]  # the tokens the bigram predicts: the three score the same tokens
     return {
         "uniform": math.log(vocab_size),

@@ -903,6 +903,14 @@ MUTANTS = [
         "a compiled run's Muon runs Newton-Schulz eager, kernel by kernel",
     ),
     Mutant(
+        "baselines-weight-chosen-from-an-empty-tenth",
+        "data",
+        "    if len(train) - cut >= 2:\n",
+        "    if True:\n",
+        ("test_data",),
+        "a tiny text's bigram weight is chosen from NaNs, with numpy's warning",
+    ),
+    Mutant(
         "compiled-padding-mask-is-a-wall",
         "model",
         "    if torch.compiler.is_compiling():\n        columns",
