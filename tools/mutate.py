@@ -959,9 +959,9 @@ MUTANTS = [
         "    eval_model, step_model = wrap(model, compile, env, parallel)\n"
         "    # after wrapping: FSDP's sharding replaces the parameters the optimizer "
         "holds\n"
-        "    optimizer = build_optimizer(cfg, model, env.device)\n",
+        "    optimizer = build_optimizer(cfg, model, env.device, compile)\n",
         "    model = initial_model(cfg, env.device)\n"
-        "    optimizer = build_optimizer(cfg, model, env.device)\n"
+        "    optimizer = build_optimizer(cfg, model, env.device, compile)\n"
         "    eval_model, step_model = wrap(model, compile, env, parallel)\n",
         ("test_parallel",),
         "under FSDP the optimizer holds the parameters sharding replaced: no step "
