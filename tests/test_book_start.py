@@ -213,3 +213,8 @@ def test_the_pages_workflow_pushes_the_tag_the_launch_buttons_open():
     assert "contents: write" in workflow
     # pinned before the build, which writes the buttons' links into the pages
     assert workflow.index("--launch-ref") < workflow.index("jupyter-book build")
+
+
+def test_pin_commit_refuses_a_launch_ref_that_is_not_a_name(capsys):
+    with pytest.raises(SystemExit, match="'book tag!' is not a commit, tag or branch"):
+        pin_commit.main(["0123abc", "--launch-ref", "book tag!"])
