@@ -8,8 +8,9 @@ and optimizer moment)."""
 
 # %% auto #0
 __all__ = [
-    'PARALLELS', 'known', 'check_parallel', 'sharded', 'wrap', 'no_sync', 'reshard',
-    'unsharded', 'all_finite', 'ShardedModel', 'ShardedOptimizer', 'checkpoint_parts'
+    'PARALLELS', 'FSDP_MIN_TORCH', 'known', 'check_parallel', 'sharded', 'wrap',
+    'no_sync', 'reshard', 'unsharded', 'all_finite', 'ShardedModel', 'ShardedOptimizer',
+    'checkpoint_parts'
 ]
 
 # %% ../nbs/06_ddp.ipynb #par02
@@ -41,6 +42,9 @@ def known(kind: str) -> str:
         )
     return kind
 
+# %% ../nbs/06_ddp.ipynb #par02c
+FSDP_MIN_TORCH = "2.6"  # the first PyTorch with a public fully_shard
+
 
 def check_parallel(
     kind: str, env: dist.DistEnv, precision: Precision, optimizer: str
@@ -52,6 +56,14 @@ def check_parallel(
     known(kind)
     if kind != "fsdp" or not env.distributed:
         return
+    try:  # public from FSDP_MIN_TORCH (before, under torch.distributed._composable)
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f"--parallel fsdp needs PyTorch {FSDP_MIN_TORCH} or newer (fully_shard), "
+            f"this is "
+            f"{torch.__version__}; upgrade torch, or use --parallel ddp"
+        ) from None
     if precision.scaled:
         raise UserError(
             "--parallel fsdp cannot scale fp16 gradients; use --precision bf16 or fp32 "

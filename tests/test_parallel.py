@@ -243,3 +243,14 @@ def test_what_fsdp_cannot_do_is_refused_before_any_work(tmp_path):
     with pytest.raises(UserError, match="--parallel fsdp cannot scale fp16 gradients"):
         check_parallel("fsdp", two, fp16, "adamw")
     check_parallel("ddp", two, fp16, "muon")  # DDP does both
+
+
+def test_fsdp_on_a_pytorch_without_fully_shard_is_one_clear_line(monkeypatch):
+    "PyTorch 2.4-2.5 (which pyproject allows) have no public fully_shard."
+    import types
+
+    two = dist.DistEnv(rank=0, world_size=2, backend="gloo")
+    fp32 = Precision("cpu", "fp32", nullcontext, None)
+    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", types.ModuleType("old"))
+    with pytest.raises(UserError, match="needs PyTorch 2.6 or newer.*--parallel ddp"):
+        check_parallel("fsdp", two, fp32, "adamw")

@@ -165,7 +165,12 @@ def quoted_figures() -> list[str]:
     project = (ROOT / "pyproject.toml").read_text()
     python = project.split('requires-python = ">=')[1].split('"')[0]
     torch_min = project.split('"torch>=')[1].split('"')[0]
-    figures.append(f"Python ≥ {python}, PyTorch ≥ {torch_min}")
+    from gpt2lib.parallel import FSDP_MIN_TORCH
+
+    figures.append(
+        f"Python ≥ {python}, PyTorch ≥ {torch_min} (≥ {FSDP_MIN_TORCH} for "
+        "`--parallel fsdp`)"
+    )
     return figures
 
 
