@@ -252,7 +252,9 @@ def test_a_signal_stops_the_ladder_and_saves_only_finished_runs_marked_incomplet
     tmp_path, signum, status, wait_for, delay
 ):
     out = tmp_path / "ladder.json"
-    steps = 60
+    # a run of 240 steps takes seconds even on a fast, idle CPU (60 took about one,
+    # and a second's delay let all four runs finish: exit 0 instead of the signal's)
+    steps = 240
     proc = subprocess.Popen(
         [
             sys.executable,
